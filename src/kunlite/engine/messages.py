@@ -1,0 +1,106 @@
+"""Typed messages between the front end (server or offline LLM) and the engine process.
+
+A new request travels in full once (`EngineRequest`); after that only diffs move: aborts
+towards the engine, and per-step new token ids towards the front end (`EngineOutputs`).
+Everything is a msgspec Struct encoded as msgpack: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from kunlite.sampling_params import SamplingParams
+
+# ---------------------------------------------------------------- front end -> engine
+
+
+class EngineRequest(msgspec.Struct, frozen=True, tag=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float  # time.time() when the front end accepted it
+    priority: int = 0  # lower runs first under the priority policy (vLLM's convention)
+
+
+class AbortRequests(msgspec.Struct, frozen=True, tag=True):
+    request_ids: list[str]
+
+
+class Shutdown(msgspec.Struct, frozen=True, tag=True):
+    pass
+
+
+ToEngine = EngineRequest | AbortRequests | Shutdown
+
+# ---------------------------------------------------------------- engine -> front end
+
+
+class TokenLogprobs(msgspec.Struct, frozen=True, array_like=True):
+    """Logprob of the sampled token and the top-n alternatives (ids and logprobs, best first)."""
+
+    logprob: float
+    rank: int  # 1-based rank of the sampled token in the distribution
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+class RequestOutput(msgspec.Struct, frozen=True, array_like=True):
+    """What one sequence produced in one engine step.
+
+    `index` is the choice index (0..n-1) for n > 1. `finish_reason` is None while running,
+    else "stop" (EOS or a stop token), "length" (max_tokens or the context is full),
+    "abort", or "error".
+    """
+
+    request_id: str
+    index: int
+    new_token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int  # prompt tokens served from the prefix cache
+
+
+class StepTiming(msgspec.Struct, frozen=True, array_like=True):
+    """One engine step, for the front end's online cost model."""
+
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    num_context_tokens: int  # sum of KV lengths attended over
+    seconds: float
+
+
+class EngineStats(msgspec.Struct, frozen=True):
+    num_running: int
+    num_waiting: int
+    kv_pages_used: int
+    kv_pages_total: int
+    num_preemptions_total: int
+    param_pages: int
+    page_size: int
+    prefix_cache_hit_tokens_total: int = 0
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_pages_used / self.kv_pages_total if self.kv_pages_total else 0.0
+
+
+class EngineOutputs(msgspec.Struct, frozen=True, tag=True):
+    outputs: list[RequestOutput]
+    stats: EngineStats
+    timings: list[StepTiming]
+
+
+class EngineReady(msgspec.Struct, frozen=True, tag=True):
+    kv_capacity_tokens: int
+    max_model_len: int
+    num_layers: int
+    dtype: str
+    attention_backend: str
+
+
+class EngineDead(msgspec.Struct, frozen=True, tag=True):
+    message: str
+
+
+FromEngine = EngineOutputs | EngineReady | EngineDead
