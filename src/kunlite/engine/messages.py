@@ -23,7 +23,11 @@ class EngineRequest(msgspec.Struct, frozen=True, tag=True):
 
 
 class AbortRequests(msgspec.Struct, frozen=True, tag=True):
+    """Abort whole requests (`request_ids`) or single choices (`choices`: (request_id, index)),
+    e.g. one of n choices that hit a stop string."""
+
     request_ids: list[str]
+    choices: list[tuple[str, int]] = []
 
 
 class Shutdown(msgspec.Struct, frozen=True, tag=True):

@@ -1,0 +1,172 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) over a contiguous layer range.
+
+The runner of range [l0, l1) embeds tokens only when l0 == 0 and applies the final norm and LM
+head only when l1 == L; otherwise hidden states come in and go out. A replica is [0, L).
+
+Parameters are not allocated here: they are views of the device pool, bound by `bind`. They are
+grouped for the pool ("embed", "layer.{i}", "head") so that a layer's pages can be dropped
+and restored as a unit. q/k/v and gate/up are fused into one matrix each: one pass over the
+weights per projection instead of three (or two), which is where decode speed comes from.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kunlite.config import ModelConfig
+from kunlite.engine.memory import DevicePool
+from kunlite.kernels.backend import AttentionBackend, AttentionMetadata
+
+ParamShapes = dict[str, list[tuple[str, tuple[int, ...]]]]
+
+
+def layer_group(i: int) -> str:
+    return f"layer.{i}"
+
+
+def param_groups(cfg: ModelConfig, layers: tuple[int, int]) -> ParamShapes:
+    """The parameter groups a worker of this layer range holds, with their shapes."""
+    l0, l1 = layers
+    h, last = cfg.hidden_size, l1 == cfg.num_layers
+    groups: ParamShapes = {}
+    if l0 == 0 or (last and cfg.tie_word_embeddings):
+        groups["embed"] = [("embed_tokens.weight", (cfg.vocab_size, h))]
+    for i in range(l0, l1):
+        g = [("input_layernorm.weight", (h,)), ("qkv_proj.weight", (cfg.qkv_size, h))]
+        if cfg.attention_bias:
+            g.append(("qkv_proj.bias", (cfg.qkv_size,)))
+        g += [("o_proj.weight", (h, cfg.q_size)), ("post_attention_layernorm.weight", (h,)),
+              ("gate_up_proj.weight", (2 * cfg.intermediate_size, h)),
+              ("down_proj.weight", (h, cfg.intermediate_size))]
+        groups[layer_group(i)] = g
+    if last:
+        groups["head"] = [("norm.weight", (h,))]
+        if not cfg.tie_word_embeddings:
+            groups["head"].append(("lm_head.weight", (cfg.vocab_size, h)))
+    return groups
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:  # (d/2,) float64
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    rs = cfg.rope_scaling
+    if rs.rope_type == "linear":
+        inv = inv / rs.factor
+    elif rs.rope_type == "llama3":
+        # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, and the band in
+        # between is interpolated smoothly.
+        low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+        high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+            rs.high_freq_factor - rs.low_freq_factor)
+        scaled = torch.where(wavelen > low_wavelen, inv / rs.factor, inv)
+        mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+        inv = torch.where(mid, (1 - smooth) * inv / rs.factor + smooth * inv, scaled)
+    return inv
+
+
+class Rope:
+    """Rotary embedding in HF's rotate-half layout, with a cos/sin table for every position."""
+
+    def __init__(self, cfg: ModelConfig, max_positions: int, device: torch.device, dtype: torch.dtype):
+        inv = rope_inv_freq(cfg).float()  # (d/2,)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv)  # (N, d/2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (N, d)
+        self.cos = emb.cos().to(device=device, dtype=dtype)  # (N, d)
+        self.sin = emb.sin().to(device=device, dtype=dtype)  # (N, d)
+        self.half = cfg.head_dim // 2
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: (T, H, d); positions: (T,)
+        cos = self.cos[positions].unsqueeze(1)  # (T, 1, d)
+        sin = self.sin[positions].unsqueeze(1)  # (T, 1, d)
+        x1, x2 = x[..., : self.half], x[..., self.half :]  # (T, H, d/2) each
+        rotated = torch.cat([-x2, x1], dim=-1)  # (T, H, d)
+        return x * cos + rotated * sin
+
+
+class DecoderLayer:
+    def __init__(self, cfg: ModelConfig, local_index: int, backend: AttentionBackend, rope: Rope) -> None:
+        self.cfg = cfg
+        self.local_index = local_index  # index into the per-step page tables
+        self.backend = backend
+        self.rope = rope
+        self.eps = cfg.rms_norm_eps
+        self.qk = cfg.q_size + cfg.kv_size
+
+    def bind(self, pool: DevicePool, group: str, attention_bias: bool) -> None:
+        v = lambda name: pool.view(group, name)  # noqa: E731
+        self.in_norm = v("input_layernorm.weight")  # (h,)
+        self.w_qkv = v("qkv_proj.weight")  # (q + 2kv, h)
+        self.b_qkv = v("qkv_proj.bias") if attention_bias else None  # (q + 2kv,)
+        self.w_o = v("o_proj.weight")  # (h, q)
+        self.post_norm = v("post_attention_layernorm.weight")  # (h,)
+        self.w_gate_up = v("gate_up_proj.weight")  # (2I, h)
+        self.w_down = v("down_proj.weight")  # (h, I)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (T, h) residual stream
+        positions: torch.Tensor,  # (T,)
+        kv_cache: torch.Tensor,  # (P, 2, ps, H_kv, d)
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # (T, h)
+        cfg = self.cfg
+        T = x.shape[0]
+        h = F.rms_norm(x, (cfg.hidden_size,), self.in_norm, self.eps)  # (T, h)
+        qkv = F.linear(h, self.w_qkv, self.b_qkv)  # (T, q + 2kv)
+        qk = self.rope(qkv[:, : self.qk].view(T, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim), positions)
+        q = qk[:, : cfg.num_heads]  # (T, H_q, d)
+        k = qk[:, cfg.num_heads :]  # (T, H_kv, d)
+        v = qkv[:, self.qk :].view(T, cfg.num_kv_heads, cfg.head_dim)  # (T, H_kv, d)
+        o = self.backend.forward(q, k, v, kv_cache, self.local_index, meta)  # (T, H_q, d)
+        x = x + F.linear(o.reshape(T, cfg.q_size), self.w_o)  # (T, h)
+        h = F.rms_norm(x, (cfg.hidden_size,), self.post_norm, self.eps)  # (T, h)
+        gate, up = F.linear(h, self.w_gate_up).chunk(2, dim=-1)  # (T, I) each
+        return x + F.linear(F.silu(gate) * up, self.w_down)  # (T, h)
+
+
+class CausalLM:
+    """The layers [l0, l1) of one model, bound to one device pool."""
+
+    def __init__(self, cfg: ModelConfig, layers: tuple[int, int], backend: AttentionBackend,
+                 pool: DevicePool, rope: Rope) -> None:
+        self.cfg = cfg
+        self.l0, self.l1 = layers
+        self.first = self.l0 == 0
+        self.last = self.l1 == cfg.num_layers
+        self.layers = [DecoderLayer(cfg, i - self.l0, backend, rope) for i in range(self.l0, self.l1)]
+        self.pool = pool
+        self.bind()
+
+    def bind(self) -> None:
+        """(Re)take the parameter views from the pool; called after a restore."""
+        pool = self.pool
+        if "embed" in pool.layouts:
+            self.embed = pool.view("embed", "embed_tokens.weight")  # (V, h)
+        for i, layer in zip(range(self.l0, self.l1), self.layers):
+            layer.bind(pool, layer_group(i), self.cfg.attention_bias)
+        if self.last:
+            self.norm = pool.view("head", "norm.weight")  # (h,)
+            self.lm_head = self.embed if self.cfg.tie_word_embeddings else pool.view("head", "lm_head.weight")  # (V, h)
+
+    def forward(
+        self,
+        inputs: torch.Tensor,  # (T,) token ids when first, else (T, h) hidden states
+        positions: torch.Tensor,  # (T,)
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # (T, h) hidden states after the last local layer (pre-norm)
+        x = F.embedding(inputs, self.embed) if self.first else inputs  # (T, h)
+        kv_cache = self.pool.kv_cache
+        for layer in self.layers:
+            x = layer.forward(x, positions, kv_cache, meta)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (R, h) rows to sample -> (R, V) float32 logits."""
+        h = F.rms_norm(hidden, (self.cfg.hidden_size,), self.norm, self.cfg.rms_norm_eps)  # (R, h)
+        return F.linear(h, self.lm_head).float()  # (R, V)

@@ -1,0 +1,170 @@
+"""Model runner: turns a scheduled batch into tensors, runs the layer range, returns logits.
+
+It owns the device side of one worker: the pool, the model bound to it, the attention backend
+and the weight loader. It never decides anything; the scheduler and block manager do.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kunlite.config import EngineConfig
+from kunlite.engine.block_manager import BlockManager
+from kunlite.engine.memory import DevicePool, page_elems
+from kunlite.engine.model import CausalLM, Rope, param_groups
+from kunlite.engine.sequence import Sequence
+from kunlite.engine.weights import WeightLoader
+from kunlite.kernels.backend import AttentionMetadata, get_backend
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepInputs:
+    inputs: torch.Tensor  # (T,) token ids
+    positions: torch.Tensor  # (T,)
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # (R,) rows of the hidden states to turn into logits
+    sampled: list[Sequence]  # the R sequences that sample this step, in row order
+
+
+def default_device_memory(config: EngineConfig, param_bytes: int) -> int:
+    """Pool bytes when --device-memory is not given: on CUDA, 90% of free memory less a
+    workspace (vLLM's gpu_memory_utilization); on CPU, the parameters plus 2 GiB of KV."""
+    if config.device.is_cuda:
+        free, _ = torch.cuda.mem_get_info(config.device.torch_device)
+        return int(free * 0.9) - (1 << 30)
+    return param_bytes + (2 << 30)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        cfg, dev = config.model, config.device
+        self.device, self.dtype = dev.torch_device, dev.torch_dtype
+        self.layers = config.layers
+        self.num_local_layers = self.layers[1] - self.layers[0]
+        self.page_size = config.cache.page_size
+        groups = param_groups(cfg, self.layers)
+        elem = torch.empty(0, dtype=self.dtype).element_size()
+        param_bytes = sum(int(np.prod(s)) for g in groups.values() for _, s in g) * elem
+        budget = config.cache.device_memory or default_device_memory(config, param_bytes)
+        page_bytes = page_elems(self.page_size, cfg.num_kv_heads, cfg.head_dim) * elem
+        self.loader = WeightLoader(config.model_dir, cfg)
+        # Zeroed, so that every page holds finite numbers: the torch backend reads whole pages
+        # and masks the tail, and 0 * NaN would leak through.
+        self.pool = DevicePool(num_pages=budget // page_bytes, page_size=self.page_size,
+                               num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                               dtype=self.dtype, device=self.device, groups=groups)
+        self.pool.storage.zero_()
+        self.loader.load(self.pool)
+        backend_cls = get_backend(dev.backend_name)
+        self.backend = backend_cls(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                                   head_dim=cfg.head_dim, page_size=self.page_size,
+                                   scale=cfg.head_dim ** -0.5)
+        self.rope = Rope(cfg, config.max_model_len, self.device, self.dtype)
+        self.model = CausalLM(cfg, self.layers, self.backend, self.pool, self.rope)
+
+    def new_block_manager(self) -> BlockManager:
+        return BlockManager(page_size=self.page_size, layers_per_block=self.num_local_layers,
+                            pages=self.pool.initial_kv_pages(),
+                            enable_prefix_caching=self.config.cache.enable_prefix_caching)
+
+    # ------------------------------------------------------------------ one step
+
+    def prepare(self, scheduled: list[tuple[Sequence, int]], kv: BlockManager) -> StepInputs:
+        """Flatten the batch (decodes first, as scheduled) into model inputs and metadata."""
+        ps = self.page_size
+        tokens: list[int] = []
+        positions: list[int] = []
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        logits_rows: list[int] = []
+        sampled: list[Sequence] = []
+        for seq, n in scheduled:
+            c = seq.num_computed_tokens
+            tokens.extend(seq.token_ids[c : c + n])
+            positions.extend(range(c, c + n))
+            query_lens.append(n)
+            seq_lens.append(c + n)
+            tables.append(kv.tables[seq.seq_id])
+            if c + n == seq.num_tokens:  # the chunk reaches the end: this row samples
+                logits_rows.append(len(tokens) - 1)
+                sampled.append(seq)
+        B, T = len(scheduled), len(tokens)
+        max_blocks = max(len(t) for t in tables)
+        block_ids = np.zeros((B, max_blocks), dtype=np.int64)  # (B, max_blocks), padded with block 0
+        for b, t in enumerate(tables):
+            block_ids[b, : len(t)] = t
+        page_tables = kv.block_pages[block_ids].transpose(2, 0, 1)  # (L, B, max_blocks)
+        pos = np.asarray(positions, dtype=np.int64)  # (T,)
+        seq_of_token = np.repeat(np.arange(B), query_lens)  # (T,)
+        slots = page_tables[:, seq_of_token, pos // ps].astype(np.int64) * ps + pos % ps  # (L, T)
+        qsl = np.zeros(B + 1, dtype=np.int32)  # (B+1,)
+        np.cumsum(query_lens, out=qsl[1:])
+        dev = self.device
+        meta = AttentionMetadata(
+            num_decodes=sum(1 for n in query_lens if n == 1),
+            query_start_loc=torch.from_numpy(qsl).to(dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            page_tables=torch.from_numpy(np.ascontiguousarray(page_tables, dtype=np.int32)).to(dev),
+            slot_mapping=torch.from_numpy(slots).to(dev),
+            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
+        return StepInputs(
+            inputs=torch.tensor(tokens, dtype=torch.long, device=dev),
+            positions=torch.from_numpy(pos).to(dev), meta=meta,
+            logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev), sampled=sampled)
+
+    @torch.inference_mode()
+    def execute(self, step: StepInputs) -> torch.Tensor:
+        """Run the layer range. Returns (R, V) float32 logits for the sampling rows."""
+        self.backend.prepare(step.meta)
+        hidden = self.model.forward(step.inputs, step.positions, step.meta)  # (T, h)
+        if not step.sampled:
+            return torch.empty(0, self.config.model.vocab_size, device=self.device)
+        return self.model.logits(hidden[step.logits_indices])  # (R, V)
+
+    @torch.inference_mode()
+    def copy_pages(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """KV page copies (fork of a partial block, relocation before a restore)."""
+        if len(src):
+            kv = self.pool.kv_cache  # (P, 2, ps, H_kv, d)
+            kv[torch.from_numpy(np.asarray(dst, dtype=np.int64)).to(self.device)] = \
+                kv[torch.from_numpy(np.asarray(src, dtype=np.int64)).to(self.device)]
+
+    # ------------------------------------------------------------------ drop / restore
+
+    def drop_layers(self, layers: range, kv: BlockManager) -> int:
+        """Free the parameter pages of these layers into the KV side. Returns the pages freed.
+        The layers cannot run until restored."""
+        freed = 0
+        for i in layers:
+            pages = self.pool.drop(f"layer.{i}")
+            kv.add_pages(pages)
+            freed += len(pages)
+        return freed
+
+    def can_restore(self, layers: range, kv: BlockManager) -> bool:
+        pages = [p for i in layers for p in self.pool.group_pages(f"layer.{i}")]
+        return kv.can_reclaim(pages)
+
+    @torch.inference_mode()
+    def restore_layers(self, layers: range, kv: BlockManager) -> int:
+        """Take the pages of these layers back (moving any KV living there) and reload their
+        weights from the checkpoint. Returns the KV pages moved."""
+        groups = [f"layer.{i}" for i in layers]
+        pages = [p for g in groups for p in self.pool.group_pages(g)]
+        moves = kv.reclaim(pages)
+        if moves:
+            src, dst = zip(*moves)
+            self.copy_pages(np.asarray(src), np.asarray(dst))
+        for g in groups:
+            self.pool.restore(g)
+        self.loader.load(self.pool, groups)
+        return len(moves)

@@ -1,0 +1,199 @@
+"""Continuous-batching scheduler: plain state in, decisions out.
+
+Tokens are scheduled, not phases (vLLM v1): each step hands every sequence a number of new
+tokens so that `num_computed_tokens` catches up with `num_tokens`. A decode gets one token, a
+prompt gets a chunk (chunked prefill) or all of it, and both share one step under the token
+budget. Running sequences go first (FCFS among themselves); then waiting ones are admitted in
+queue order while the budget, the sequence cap and the KV allow. When KV runs out for a running
+sequence, the lowest-priority, latest running sequence is preempted through the policy hook.
+
+The scheduler never touches tensors: it moves Sequence objects between queues and asks the
+BlockManager, which is plain accounting too.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from dataclasses import dataclass, field
+
+from kunlite.config import SchedulerConfig
+from kunlite.engine.block_manager import BlockManager
+from kunlite.engine.preemption import PreemptionPolicy, select_victim
+from kunlite.engine.sequence import Sequence, SeqStatus
+
+
+@dataclass
+class SchedulerOutput:
+    # (sequence, new tokens), single-token entries first: the attention backends rely on it.
+    scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) before the step
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+    @property
+    def num_decodes(self) -> int:
+        return sum(1 for _, n in self.scheduled if n == 1)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: BlockManager, policy: PreemptionPolicy,
+                 *, priority_order: bool = False) -> None:
+        self.config = config
+        self.kv = kv
+        self.policy = policy
+        self.priority_order = priority_order  # waiting queue by (priority, arrival) instead of FCFS
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self._order = itertools.count()
+
+    # ------------------------------------------------------------------ queues
+
+    def add(self, seq: Sequence) -> None:
+        seq.order = next(self._order)
+        seq.status = SeqStatus.WAITING
+        self._enqueue(seq)
+
+    def _enqueue(self, seq: Sequence, *, front: bool = False) -> None:
+        if self.priority_order:
+            bisect.insort(self.waiting, seq, key=Sequence.priority_key)
+        elif front:
+            self.waiting.insert(0, seq)
+        else:
+            self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Take a sequence out of the queues for good and release its KV."""
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+            self.kv.free(seq.seq_id)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+            if seq.seq_id in self.kv.tables:
+                self.kv.free(seq.seq_id)
+            else:
+                self.kv.forget(seq.seq_id)
+
+    def find(self, request_id: str) -> list[Sequence]:
+        return [s for s in self.running + self.waiting if s.request_id == request_id]
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # ------------------------------------------------------------------ one step
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        chunked = self.config.enable_chunked_prefill
+
+        # 1. Running sequences, oldest first.
+        for seq in list(self.running):
+            if budget <= 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(seq.num_uncomputed, budget) if chunked else seq.num_uncomputed
+            if n > budget:
+                continue
+            if not self._make_room(seq, n, out):
+                continue
+            out.scheduled.append((seq, n))
+            budget -= n
+
+        # 2. Waiting sequences, in queue order; none are admitted in a step that preempted.
+        while self.waiting and not out.preempted and budget > 0:
+            if len(self.running) >= self.config.max_num_seqs:
+                break
+            seq = self.waiting[0]
+            hits, cached = self.kv.get_computed_blocks(seq.seq_id, seq.token_ids) if seq.seq_id not in self.kv.tables else ([], 0)
+            n = seq.num_tokens - cached
+            if chunked:
+                n = min(n, budget)
+            elif n > budget:
+                break
+            total = cached + n
+            extra = self._fork_blocks(seq, total)
+            if self.kv.blocks_needed(seq.seq_id, total, hits) + extra > self.kv.num_free_blocks:
+                break
+            self.waiting.pop(0)
+            self.kv.allocate(seq.seq_id, total, hits)
+            if seq.num_computed_tokens == 0 and not seq.output_token_ids:
+                seq.num_cached_tokens = cached
+            seq.num_computed_tokens = cached
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append((seq, n))
+            budget -= n
+
+        for seq, n in out.scheduled:
+            self.kv.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens + n)
+        out.scheduled.sort(key=lambda e: e[1] != 1)  # stable: decodes first, order kept
+        return out
+
+    def _make_room(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
+        """Allocate KV for n more tokens of a running sequence, preempting others if needed.
+        False when the sequence itself had to be preempted."""
+        total = seq.num_computed_tokens + n
+        extra = self._fork_blocks(seq, total)
+        while self.kv.blocks_needed(seq.seq_id, total) + extra > self.kv.num_free_blocks:
+            victim = select_victim(self.running)
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+        self.kv.allocate(seq.seq_id, total)
+        return True
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        out.scheduled = [(s, k) for s, k in out.scheduled if s is not seq]
+        self.policy.preempt(seq, self.kv)
+        self._enqueue(seq, front=True)
+        self.num_preemptions += 1
+        out.preempted.append(seq)
+
+    def _fork_blocks(self, seq: Sequence, total: int) -> int:
+        """Blocks the n > 1 fork will take if this step completes the prompt."""
+        if seq.pending_children and total >= seq.num_prompt_tokens:
+            return seq.pending_children * int(seq.num_prompt_tokens % self.kv.page_size != 0)
+        return 0
+
+    # ------------------------------------------------------------------ after the step
+
+    def fork_children(self, out: SchedulerOutput) -> list[tuple[Sequence, Sequence]]:
+        """For each parent whose prompt this step completed, create its extra choices. They share
+        the prompt's KV (copies of a partial last block go into out.block_copies, to run after
+        the forward pass). Returns (parent, child) pairs; children are RUNNING."""
+        pairs: list[tuple[Sequence, Sequence]] = []
+        for parent, n in out.scheduled:
+            if not parent.pending_children or parent.num_computed_tokens + n < parent.num_prompt_tokens:
+                continue
+            for i in range(1, parent.pending_children + 1):
+                params = parent.params
+                if params.seed is not None:
+                    params = _with_seed(params, params.seed + i)  # each choice its own stream
+                child = Sequence(seq_id=f"{parent.request_id}#{i}", request_id=parent.request_id,
+                                 index=i, prompt_token_ids=parent.prompt_token_ids, params=params,
+                                 arrival_time=parent.arrival_time, priority=parent.priority,
+                                 num_cached_tokens=parent.num_cached_tokens)
+                child.order = next(self._order)
+                child.num_computed_tokens = parent.num_prompt_tokens
+                child.status = SeqStatus.RUNNING
+                out.block_copies += self.kv.fork(parent.seq_id, child.seq_id, parent.num_prompt_tokens)
+                self.running.append(child)
+                pairs.append((parent, child))
+            parent.pending_children = 0
+        return pairs
+
+
+def _with_seed(params, seed: int):  # type: ignore[no-untyped-def]
+    import msgspec
+
+    return msgspec.structs.replace(params, seed=seed)
