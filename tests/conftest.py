@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests share the machine's two cores between processes (engine workers, servers, clients);
+# one intra-op thread per process keeps OpenMP teams from waiting on a descheduled thread.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The default model, pulled into $KUNLITE_HOME on first use."""
+    from kunlite.engine.pull import resolve_model
+
+    return resolve_model(os.environ.get("KUNLITE_TEST_MODEL") or None)
