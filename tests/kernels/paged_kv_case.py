@@ -4,7 +4,9 @@ per-sequence reference that never looks at the pool.
 The pool has P pages; pages [0, P/2) notionally held model weights a moment ago, and at least
 one page of every case lies beyond them. Every slot that holds no live token (other pages, the
 tail of a sequence's last page, the padding heads and head-dim columns of the strided view)
-is NaN, so a kernel that reads a wrong page or slot returns NaN.
+is NaN, so a kernel that reads a wrong page or slot returns NaN. Pools and page tables are
+strided views by default, as the engine's are (a pool inside the parameter buffer, page tables
+sliced out of numpy transposes).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def scattered_pages(gen: torch.Generator, num_needed: int) -> tuple[list[int], i
 @dataclass
 class PagedKV:
     kv_cache: torch.Tensor  # (P, 2, page_size, H_kv, d): live slots filled, everything else NaN
-    page_table: torch.Tensor  # (B, max_pages) int32; entries past a sequence's pages are garbage
+    page_table: torch.Tensor  # (B, max_pages) int32, column stride 2 when strided; garbage past the pages
     seq_lens: list[int]
     keys: list[torch.Tensor]  # per sequence (S_b, H_kv, d) fp32, the values stored in the pool
     values: list[torch.Tensor]  # per sequence (S_b, H_kv, d) fp32
@@ -90,7 +92,8 @@ def build_paged_kv(
     pages_per_seq = [cdiv(s, page_size) for s in seq_lens]
     pages, num_pages = scattered_pages(gen, sum(pages_per_seq))
     max_pages = max(pages_per_seq) + 1  # one spare column of garbage for every sequence
-    page_table = torch.randint(0, num_pages, (len(seq_lens), max_pages), generator=gen, dtype=torch.int32)
+    page_table = torch.randint(0, num_pages, (len(seq_lens), max_pages, 2), generator=gen, dtype=torch.int32)
+    page_table = page_table[:, :, 0] if strided else page_table[:, :, 0].contiguous()  # (B, max_pages)
     start = 0
     for b, n in enumerate(pages_per_seq):
         page_table[b, :n] = torch.tensor(pages[start : start + n], dtype=torch.int32)

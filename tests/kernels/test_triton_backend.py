@@ -24,8 +24,9 @@ def make_step(
     max_pages = max(pages_per_seq)
     pages, num_pages = scattered_pages(gen, NUM_LAYERS * sum(pages_per_seq))
     B, T = len(seq_lens), sum(new)
-    page_tables = torch.zeros(NUM_LAYERS, B, max_pages, dtype=torch.int32)  # (L, B, max_pages)
-    slot_mapping = torch.empty(NUM_LAYERS, T, dtype=torch.int64)  # (L, T)
+    # Strided like the runner's (numpy transposes and fancy indexing): columns are not contiguous.
+    page_tables = torch.zeros(B, max_pages, NUM_LAYERS, dtype=torch.int32).permute(2, 0, 1)  # (L, B, max_pages)
+    slot_mapping = torch.empty(T, NUM_LAYERS, dtype=torch.int64).t()  # (L, T)
     it = iter(pages)
     for layer in range(NUM_LAYERS):
         row = 0

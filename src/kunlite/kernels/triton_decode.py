@@ -35,7 +35,7 @@ def _decode_split_kernel(
     q_ptr, kv_ptr, page_table_ptr, seq_lens_ptr, o_ptr, lse_ptr,
     stride_qb, stride_qh,
     stride_page, stride_kv, stride_slot, stride_head,
-    stride_pt,
+    stride_pt, stride_pt_page, stride_sl,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
     qk_scale, num_splits,
@@ -47,7 +47,7 @@ def _decode_split_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
-    seq_len = tl.load(seq_lens_ptr + b)  # int32, >= 1
+    seq_len = tl.load(seq_lens_ptr + b * stride_sl)  # int32, >= 1
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)  # start >= end: an empty split
@@ -73,7 +73,7 @@ def _decode_split_kernel(
     # Every block starts below `end`, so it holds a visible key and m_i turns finite at once.
     for start_n in range(start, end, BLOCK_N):
         acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, k_ptr, v_ptr, page_row_ptr, start_n, end, offs_g,  # q_pos: unused
+            acc, m_i, l_i, q, k_ptr, v_ptr, page_row_ptr, stride_pt_page, start_n, end, offs_g,  # q_pos: unused
             offs_d, mask_d, qk_scale, stride_page, stride_slot,
             PAGE_SIZE=PAGE_SIZE, BLOCK_N=BLOCK_N, CAUSAL=False,
             UPCAST_DOT=UPCAST_DOT, DOT_PRECISION=DOT_PRECISION,
@@ -161,7 +161,7 @@ def decode_attention(
         q, kv_cache, page_table, seq_lens, o_mid, lse,
         q.stride(0), q.stride(1),
         sp, skv, ss, sh,
-        page_table.stride(0),
+        page_table.stride(0), page_table.stride(1), seq_lens.stride(0),
         *o_strides,
         *lse_strides,
         scale * LOG2E, num_kv_splits,

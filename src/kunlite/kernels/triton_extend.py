@@ -36,7 +36,7 @@ def _extend_kernel(
     q_ptr, kv_ptr, page_table_ptr, query_start_loc_ptr, seq_lens_ptr, out_ptr,
     stride_qt, stride_qh,
     stride_page, stride_kv, stride_slot, stride_head,
-    stride_pt,
+    stride_pt, stride_pt_page, stride_qsl, stride_sl,
     stride_ot, stride_oh,
     qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
@@ -47,11 +47,11 @@ def _extend_kernel(
     kv_head = tl.program_id(1)
     m_block = tl.program_id(2)
 
-    q_start = tl.load(query_start_loc_ptr + b)  # first row of this sequence in q / out
-    q_len = tl.load(query_start_loc_ptr + b + 1) - q_start
+    q_start = tl.load(query_start_loc_ptr + b * stride_qsl)  # first row of this sequence in q / out
+    q_len = tl.load(query_start_loc_ptr + (b + 1) * stride_qsl) - q_start
     if m_block * BLOCK_M >= q_len * GROUP:
         return
-    seq_len = tl.load(seq_lens_ptr + b)
+    seq_len = tl.load(seq_lens_ptr + b * stride_sl)
     prefix = seq_len - q_len
 
     # Row r of the block is (token r // GROUP, query head kv_head * GROUP + r % GROUP).
@@ -83,7 +83,7 @@ def _extend_kernel(
     full_end = (first_pos // BLOCK_N) * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, k_ptr, v_ptr, page_row_ptr, start_n, full_end, q_pos,
+            acc, m_i, l_i, q, k_ptr, v_ptr, page_row_ptr, stride_pt_page, start_n, full_end, q_pos,
             offs_d, mask_d, qk_scale, stride_page, stride_slot,
             PAGE_SIZE=PAGE_SIZE, BLOCK_N=BLOCK_N, CAUSAL=False,
             UPCAST_DOT=UPCAST_DOT, DOT_PRECISION=DOT_PRECISION,
@@ -93,7 +93,7 @@ def _extend_kernel(
     diag_end = tl.minimum(seq_len, prefix + (m_block * BLOCK_M + BLOCK_M - 1) // GROUP + 1)
     for start_n in range(full_end, diag_end, BLOCK_N):
         acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, k_ptr, v_ptr, page_row_ptr, start_n, seq_len, q_pos,
+            acc, m_i, l_i, q, k_ptr, v_ptr, page_row_ptr, stride_pt_page, start_n, seq_len, q_pos,
             offs_d, mask_d, qk_scale, stride_page, stride_slot,
             PAGE_SIZE=PAGE_SIZE, BLOCK_N=BLOCK_N, CAUSAL=True,
             UPCAST_DOT=UPCAST_DOT, DOT_PRECISION=DOT_PRECISION,
@@ -145,7 +145,7 @@ def extend_attention(
         q, kv_cache, page_table, query_start_loc, seq_lens, out,
         q.stride(0), q.stride(1),
         sp, skv, ss, sh,
-        page_table.stride(0),
+        page_table.stride(0), page_table.stride(1), query_start_loc.stride(0), seq_lens.stride(0),
         out.stride(0), out.stride(1),
         scale * LOG2E,
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size,

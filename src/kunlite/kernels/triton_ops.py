@@ -43,7 +43,7 @@ def _attend_block(
     acc, m_i, l_i,  # (M, BLOCK_D) fp32, (M,) fp32, (M,) fp32: running output, max, denominator
     q,  # (M, BLOCK_D): zero beyond HEAD_DIM; fp32 when UPCAST_DOT
     k_ptr, v_ptr,  # pool base + this KV head's offset, for keys and for values
-    page_row_ptr,  # page-table row of this sequence
+    page_row_ptr, stride_pt_page,  # page-table row of this sequence, and its column stride
     start_n, kv_end,  # this block covers positions start_n .. start_n+BLOCK_N-1, valid below kv_end
     q_pos,  # (M,) int32: sequence position of each query row (read only when CAUSAL)
     offs_d, mask_d,  # (BLOCK_D,)
@@ -61,7 +61,7 @@ def _attend_block(
     """
     pos = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     mask_n = pos < kv_end  # (BLOCK_N,)
-    page = tl.load(page_row_ptr + pos // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)  # (BLOCK_N,)
+    page = tl.load(page_row_ptr + (pos // PAGE_SIZE) * stride_pt_page, mask=mask_n, other=0).to(tl.int64)
     tok = page * stride_page + (pos % PAGE_SIZE).to(tl.int64) * stride_slot  # (BLOCK_N,) int64
     kv_mask = mask_n[:, None] & mask_d[None, :]  # (BLOCK_N, BLOCK_D)
     # Masked loads never touch a slot past the sequence: it may hold NaN or another request's KV.
@@ -97,13 +97,13 @@ def _attend_block(
 def _write_kv_kernel(
     kv_ptr, k_ptr, v_ptr, slot_ptr,
     stride_page, stride_kv, stride_slot, stride_head,
-    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_st,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program per new token: copy its (H_kv, d) key and value into its pool slot."""
     t = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + t)  # int64: page * PAGE_SIZE + offset; < 0 means padding, skip
+    slot = tl.load(slot_ptr + t * stride_st)  # int64: page * PAGE_SIZE + offset; < 0 means padding, skip
     if slot < 0:
         return
     dst = (slot // PAGE_SIZE) * stride_page + (slot % PAGE_SIZE) * stride_slot  # int64
@@ -173,8 +173,8 @@ def check_attention_io(
 
 
 def check_index(x: torch.Tensor, name: str, *, dims: int, dtype: torch.dtype) -> None:
+    """Index tensors (page tables, lengths, slots) may have any strides; the kernels take them."""
     assert x.dim() == dims and x.dtype == dtype, f"{name} must be {dims}-d {dtype}, got {tuple(x.shape)} {x.dtype}"
-    assert x.stride(-1) == 1, f"{name}'s last dim must be contiguous"
 
 
 def dot_config(dtype: torch.dtype) -> tuple[bool, str]:
@@ -203,7 +203,7 @@ def write_kv(
     _write_kv_kernel[(T,)](
         kv_cache, k, v, slot_mapping,
         sp, skv, ss, sh,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), slot_mapping.stride(0),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
         BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
         num_warps=4 if num_kv_heads * head_dim >= 1024 else 2,
