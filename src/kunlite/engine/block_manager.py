@@ -301,6 +301,7 @@ class BlockManager:
         """Form blocks from spare pages. New empty blocks go to the front of the free list:
         they are reused before any block that still holds a cached prefix."""
         L = self.layers_per_block
+        new_ids: list[int] = []
         while len(self._spare) >= L:
             pages, self._spare = self._spare[:L], self._spare[L:]
             if self._recycled_ids:
@@ -314,4 +315,6 @@ class BlockManager:
             self.block_pages[b] = pages
             self._ref[b] = 0
             self._free[b] = None
+            new_ids.append(b)
+        for b in reversed(new_ids):  # keep their own order (lowest pages first)
             self._free.move_to_end(b, last=False)

@@ -1,0 +1,238 @@
+"""Block manager: exact block ids on tiny pools, and a hypothesis state machine over allocate,
+append, fork, free, preempt, drop and restore.
+
+The state machine keeps a model of what every page holds. The "KV" a block must hold is a pure
+function of the sequence's tokens up to the end of that block and of the layer, so a prefix-cache
+hit, a fork, or a relocation during restore is right exactly when every page a sequence points
+at still holds the value its tokens imply.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from kunlite.engine.block_manager import BlockManager, BlockManagerError
+
+PS, L = 4, 3
+
+
+def manager(n_pages: int, **kw) -> BlockManager:
+    return BlockManager(page_size=PS, layers_per_block=L, pages=range(n_pages), **kw)
+
+
+# ---------------------------------------------------------------- exact ids on tiny pools
+
+
+def test_allocation_order_and_exact_pages() -> None:
+    kv = manager(13)  # 4 blocks of 3 pages, 1 spare page
+    assert kv.num_total_blocks == 4 and kv.num_kv_pages == 13
+    assert kv.allocate("a", 5) == [0, 1]  # 5 tokens -> 2 blocks, lowest ids first
+    assert kv.block_pages[0].tolist() == [0, 1, 2] and kv.block_pages[1].tolist() == [3, 4, 5]
+    assert kv.allocate("b", 4) == [2]
+    assert not kv.can_allocate("c", 9)  # needs 3 blocks, 1 free
+    assert kv.can_allocate("a", 8)  # a grows into its second block: nothing new
+    kv.free("a")
+    assert kv.num_free_blocks == 3 and kv.num_used_blocks == 1
+    kv.check()
+
+
+def test_prefix_cache_hit_and_lru_eviction_order() -> None:
+    kv = manager(4 * L)  # 4 blocks
+    prompt = list(range(10))  # 2 full blocks + 2 tokens
+    assert kv.get_computed_blocks("a", prompt) == ([], 0)
+    kv.allocate("a", 10)
+    kv.cache_full_blocks("a", prompt, 10)
+    kv.free("a")  # freed tail first: block 2, then 1, then 0 at the back of the free list
+    blocks, n = kv.get_computed_blocks("b", prompt + [99])
+    assert (blocks, n) == ([0, 1], 8)
+    kv.allocate("b", 11, blocks)
+    assert kv.tables["b"] == [0, 1, 3]  # the never-used block 3 goes before cached block 2
+    kv.check()
+    # A whole-prompt hit still leaves the last token to compute.
+    assert kv.get_computed_blocks("c", prompt[:8]) == ([0], 4)
+    # The cached block 2 (partial, never hashed) is plain free space; evicting hashed blocks
+    # happens only when nothing else is free.
+    kv.free("b")
+    kv.allocate("d", 16)
+    assert kv.get_computed_blocks("e", prompt + [99]) == ([], 0)  # evicted by d
+    kv.check()
+
+
+def test_a_block_cached_after_another_prefix_is_not_a_hit() -> None:
+    kv = manager(8 * L)
+    c = [54, 55, 56, 57, 60, 61, 62, 63, 1]  # registers block [60..63] after prefix [54..57]
+    a = [50, 51, 52, 53, 60, 61, 62, 63, 1]  # same second block, other prefix: not registered
+    for sid, toks in (("c", c), ("a", a)):
+        kv.allocate(sid, len(toks))
+        kv.cache_full_blocks(sid, toks, len(toks))
+    blocks, n = kv.get_computed_blocks("b", a)
+    assert blocks == kv.tables["a"][:2] and n == 8  # a's own chain, not c's second block
+    kv.check()
+
+
+def test_fork_shares_full_blocks_and_copies_the_partial_one() -> None:
+    kv = manager(6 * L)
+    kv.allocate("p", 6)  # blocks 0 (full), 1 (2 tokens)
+    copies = kv.fork("p", "p#1", 6)
+    assert kv.tables["p#1"][0] == kv.tables["p"][0]
+    assert copies == [(1, kv.tables["p#1"][1])]
+    src, dst = kv.page_copies(copies)
+    assert src.tolist() == kv.block_pages[1].tolist() and len(dst) == L
+    kv.free("p")
+    kv.check()
+    assert kv.num_used_blocks == 2
+
+
+def test_misuse_raises() -> None:
+    kv = manager(2 * L)
+    kv.allocate("a", 4)
+    kv.free("a")
+    with pytest.raises(BlockManagerError):
+        kv.free("a")
+    with pytest.raises(BlockManagerError):
+        kv.allocate("b", 100)  # no room: the caller must ask can_allocate first
+    with pytest.raises(BlockManagerError):
+        kv.reclaim([10_000])
+
+
+def test_reclaim_moves_live_kv_off_the_pages() -> None:
+    kv = manager(4 * L)
+    kv.add_pages(range(100, 100 + 2 * L))  # a dropped parameter group: 2 more blocks
+    assert kv.num_total_blocks == 6
+    kv.allocate("a", 4 * PS)  # takes the two new blocks first, then two old ones
+    assert set(kv.block_pages[kv.tables["a"][0]].tolist()) <= set(range(100, 106))
+    assert kv.can_reclaim(range(100, 106))
+    moves = kv.reclaim(range(100, 106))
+    assert sorted(s for s, _ in moves) == list(range(100, 106))
+    assert all(d < 100 for _, d in moves)
+    assert all(p < 100 for b in kv.tables["a"] for p in kv.block_pages[b])
+    assert kv.num_total_blocks == 4
+    kv.check()
+    assert kv.num_free_blocks == 0
+    assert not kv.can_reclaim(range(0, L))  # every block is used: nowhere to move
+
+
+# ---------------------------------------------------------------- the state machine
+
+# Shared prefixes (hits), and an identical block after different prefixes (must not hit).
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 10, 11], [20, 21, 22],
+           [50, 51, 52, 53, 60, 61, 62, 63, 1], [54, 55, 56, 57, 60, 61, 62, 63, 1]]
+
+
+def kv_value(tokens: list[int], layer: int) -> tuple:
+    return (tuple(tokens), layer)
+
+
+class BlockMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.groups = {"g0": list(range(200, 200 + 2 * L)), "g1": list(range(300, 300 + L + 1))}
+        self.kv = manager(7 * L + 1)
+        self.dropped: set[str] = set()
+        self.content: dict[int, object] = {}  # page -> what it holds
+        self.seqs: dict[str, dict] = {}  # id -> {"tokens", "computed"}
+        self.n = 0
+
+    # -- the simulated forward pass: write the KV of tokens [old, new) into their pages
+    def _compute(self, sid: str, new_computed: int) -> None:
+        s = self.seqs[sid]
+        table = self.kv.tables[sid]
+        for i in range(s["computed"] // PS, -(-new_computed // PS)):
+            upto = min(new_computed, (i + 1) * PS)
+            for layer, page in enumerate(self.kv.block_pages[table[i]]):
+                self.content[int(page)] = kv_value(s["tokens"][:upto], layer)
+        s["computed"] = new_computed
+        self.kv.cache_full_blocks(sid, s["tokens"], new_computed)
+
+    @rule(prompt=st.sampled_from(PROMPTS), extra=st.lists(st.integers(30, 33), max_size=6))
+    def new_sequence(self, prompt: list[int], extra: list[int]) -> None:
+        sid = f"s{self.n}"
+        self.n += 1
+        tokens = prompt + extra
+        hits, cached = self.kv.get_computed_blocks(sid, tokens)
+        if not self.kv.can_allocate(sid, len(tokens), hits):
+            self.kv.forget(sid)
+            return
+        self.kv.allocate(sid, len(tokens), hits)
+        self.seqs[sid] = {"tokens": tokens, "computed": cached}
+        self._compute(sid, len(tokens))
+
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data(), k=st.integers(1, 6))
+    def append(self, data, k: int) -> None:
+        sid = data.draw(st.sampled_from(sorted(self.seqs)))
+        s = self.seqs[sid]
+        if not self.kv.can_allocate(sid, len(s["tokens"]) + k):
+            return
+        s["tokens"] = s["tokens"] + [40 + (len(s["tokens"]) + j) % 3 for j in range(k)]
+        self.kv.allocate(sid, len(s["tokens"]))
+        self._compute(sid, len(s["tokens"]))
+
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data())
+    def fork(self, data) -> None:
+        sid = data.draw(st.sampled_from(sorted(self.seqs)))
+        n_tok = self.seqs[sid]["computed"]
+        if not self.kv.can_fork(sid, n_tok):
+            return
+        child = f"{sid}#{self.n}"
+        self.n += 1
+        for src, dst in zip(*self.kv.page_copies(self.kv.fork(sid, child, n_tok))):
+            self.content[int(dst)] = self.content.get(int(src))
+        self.seqs[child] = {"tokens": list(self.seqs[sid]["tokens"][:n_tok]), "computed": n_tok}
+
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data(), preempt=st.booleans())
+    def free_or_preempt(self, data, preempt: bool) -> None:
+        # With recompute, a preemption is a free; the sequence comes back as a new one.
+        sid = data.draw(st.sampled_from(sorted(self.seqs)))
+        self.kv.free(sid)
+        del self.seqs[sid]
+
+    @rule(group=st.sampled_from(["g0", "g1"]))
+    def drop(self, group: str) -> None:
+        if group in self.dropped:
+            return
+        self.dropped.add(group)
+        for p in self.groups[group]:
+            self.content[p] = "weights"
+        self.kv.add_pages(self.groups[group])
+
+    @rule(group=st.sampled_from(["g0", "g1"]))
+    def restore(self, group: str) -> None:
+        if group not in self.dropped or not self.kv.can_reclaim(self.groups[group]):
+            return
+        for src, dst in self.kv.reclaim(self.groups[group]):
+            assert dst not in self.groups[group]
+            self.content[dst] = self.content.get(src)
+        for p in self.groups[group]:
+            self.content[p] = "weights"
+        self.dropped.discard(group)
+
+    @invariant()
+    def accounting_is_exact(self) -> None:
+        kv = self.kv
+        kv.check()
+        assert kv.num_free_blocks + kv.num_used_blocks == kv.num_total_blocks
+        base = 7 * L + 1 + sum(len(self.groups[g]) for g in self.dropped)
+        assert kv.num_kv_pages == base
+        assert set(kv.tables) == set(self.seqs)
+
+    @invariant()
+    def every_sequence_reads_its_own_kv(self) -> None:
+        for sid, s in self.seqs.items():
+            table = self.kv.tables[sid]
+            for i in range(-(-s["computed"] // PS)):
+                upto = min(s["computed"], (i + 1) * PS)
+                for layer, page in enumerate(self.kv.block_pages[table[i]]):
+                    assert self.content.get(int(page)) == kv_value(s["tokens"][:upto], layer), (sid, i, layer)
+            for b in table:
+                for page in self.kv.block_pages[b]:
+                    assert not any(int(page) in self.groups[g] for g in set(self.groups) - self.dropped)
+
+
+TestBlockMachine = BlockMachine.TestCase
+TestBlockMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
