@@ -104,7 +104,7 @@ class ModelRunner:
         page_tables = kv.block_pages[block_ids].transpose(2, 0, 1)  # (L, B, max_blocks)
         pos = np.asarray(positions, dtype=np.int64)  # (T,)
         seq_of_token = np.repeat(np.arange(B), query_lens)  # (T,)
-        slots = page_tables[:, seq_of_token, pos // ps].astype(np.int64) * ps + pos % ps  # (L, T)
+        slots = np.ascontiguousarray(page_tables[:, seq_of_token, pos // ps], dtype=np.int64) * ps + pos % ps  # (L, T)
         qsl = np.zeros(B + 1, dtype=np.int32)  # (B+1,)
         np.cumsum(query_lens, out=qsl[1:])
         dev = self.device
