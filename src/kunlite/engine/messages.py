@@ -93,6 +93,9 @@ class EngineOutputs(msgspec.Struct, frozen=True, tag=True):
     outputs: list[RequestOutput]
     stats: EngineStats
     timings: list[StepTiming]
+    # (request_id, seconds) for requests the scheduler ran for the first time: how long each
+    # waited in the engine's queue (the server's request_queue_time metric)
+    queue_times: list[tuple[str, float]] = []
 
 
 class EngineReady(msgspec.Struct, frozen=True, tag=True):

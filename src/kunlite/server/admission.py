@@ -1,0 +1,247 @@
+"""SLO-aware admission: a pure policy over plain numbers.
+
+The front end keeps a `Ledger` of the requests it has handed to the engine: *pending* ones
+(no token yet: queued or in prefill) and *running* ones (decoding). For each new request,
+`AdmissionPolicy.decide` predicts its time to first token (TTFT) from the work ahead of it and
+the step cost model, and says admit or reject (429, with a Retry-After drawn from the
+prediction). `deadline` says when a pending request is shed.
+
+Policies:
+    fcfs      admit everything (vLLM's behaviour); only the queue caps reject; nothing is shed
+    reject    FCFS order; reject a request predicted to miss the TTFT (or TPOT) SLO; shed
+              pending requests past their TTFT deadline
+    priority  as reject, but only work of equal or higher priority (lower value, vLLM's
+              convention) is ahead of a request, and the engine orders its queue by priority
+The queue caps (--max-queued-requests, --max-queued-tokens) hold under every policy.
+
+The TTFT prediction replays the engine's scheduler on plain numbers, as a fluid: each step
+gives the running sequences one decode token each and the rest of the token budget to the
+prompts ahead, in queue order; a prompt waits for a free sequence slot first. Each running
+sequence is assumed to run to its max_tokens (a pessimistic bound: EOS may come first). The
+replay moves from event to event (a prompt done, a sequence done), not step by step, so a
+decision costs O((pending + running) log running).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+
+from kunlite.server.cost_model import StepCostModel
+
+POLICIES = ("fcfs", "reject", "priority")
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    policy: str = "fcfs"
+    slo_ttft_s: float | None = None
+    slo_tpot_s: float | None = None
+    max_queued_requests: int | None = None
+    max_queued_tokens: int | None = None
+    max_num_seqs: int = 64  # the engine's: sequences decoding at once
+    max_num_batched_tokens: int = 512  # the engine's: tokens per step
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"--admission must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+
+
+@dataclass
+class InFlight:
+    """One engine request as admission sees it."""
+
+    prompt_tokens: int
+    n: int
+    max_tokens: int  # per choice
+    priority: int = 0
+    arrival: float = 0.0
+    started: bool = False  # a first token came back: it is decoding, not pending
+    generated: int = 0  # tokens per choice so far (the most of any choice)
+    live_seqs: int = 0  # choices still running, once started
+    choice_tokens: list[int] = field(default_factory=list)  # tokens of each choice, once started
+
+    @property
+    def remaining(self) -> int:
+        return max(self.max_tokens - self.generated, 0)
+
+    @property
+    def context(self) -> int:
+        return self.prompt_tokens + self.generated
+
+
+@dataclass
+class Ledger:
+    """The requests handed to the engine and not finished. Pending requests are kept in
+    arrival order (dicts keep insertion order)."""
+
+    requests: dict[str, InFlight] = field(default_factory=dict)
+
+    def add(self, request_id: str, req: InFlight) -> None:
+        self.requests[request_id] = req
+
+    def on_tokens(self, request_id: str, index: int, num_new: int, finished: bool) -> bool:
+        """Choice `index` produced `num_new` tokens (and maybe finished). True when this was
+        the request's first output."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        first = not req.started
+        if first:
+            req.started, req.live_seqs, req.choice_tokens = True, req.n, [0] * req.n
+        if 0 <= index < req.n:
+            req.choice_tokens[index] += num_new
+            req.generated = max(req.generated, req.choice_tokens[index])
+        if finished:
+            req.live_seqs = max(req.live_seqs - 1, 0)
+        return first
+
+    def remove(self, request_id: str) -> InFlight | None:
+        return self.requests.pop(request_id, None)
+
+    def pending(self) -> list[InFlight]:
+        return [r for r in self.requests.values() if not r.started]
+
+    def running(self) -> list[InFlight]:
+        return [r for r in self.requests.values() if r.started and r.live_seqs > 0]
+
+
+@dataclass(frozen=True)
+class Decision:
+    admit: bool
+    predicted_ttft: float  # seconds
+    reason: str | None = None  # slo_ttft | slo_tpot | queue_requests | queue_tokens
+    message: str = ""
+    retry_after: float | None = None  # seconds
+
+
+class _Replay:
+    """The engine's queues as a fluid, advanced from event to event.
+
+    Invariant: `heap` holds (done_at, context_at_zero) for each decoding sequence, where
+    done_at is the value of `clock_steps` at which it emits its last token and its context
+    is context_at_zero + clock_steps; `ctx0_sum` is the sum of the context_at_zero values."""
+
+    def __init__(self, model: StepCostModel, cfg: AdmissionConfig, running: list[InFlight]) -> None:
+        self.model, self.cfg = model, cfg
+        self.clock_steps = 0  # steps replayed
+        self.t = 0.0  # seconds replayed
+        self.spare = 0  # prefill budget left in the last replayed step
+        self.heap: list[tuple[int, int]] = []
+        self.ctx0_sum = 0
+        for r in running:
+            for _ in range(r.live_seqs):
+                self._push(r.remaining, r.context)
+        # The step in flight when the request arrives: on average half of it is still to come;
+        # count all of it, to err on the safe side.
+        if self.heap:
+            self.t += self._step(0)
+
+    def _push(self, remaining: int, context: int) -> None:
+        if remaining > 0:
+            heapq.heappush(self.heap, (self.clock_steps + remaining, context - self.clock_steps))
+            self.ctx0_sum += context - self.clock_steps
+
+    def _context(self) -> int:
+        return self.ctx0_sum + len(self.heap) * self.clock_steps
+
+    def _step(self, prefill: int) -> float:
+        return self.model.step_seconds(prefill, len(self.heap), self._context() + prefill)
+
+    def _advance(self, steps: int, prefill_per_step: int) -> None:
+        """Replay `steps` steps (no sequence finishes strictly inside them)."""
+        self.t += steps * self._step(prefill_per_step)
+        self.clock_steps += steps
+        while self.heap and self.heap[0][0] <= self.clock_steps:
+            _, ctx0 = heapq.heappop(self.heap)
+            self.ctx0_sum -= ctx0
+
+    def _until_next_finish(self) -> int:
+        return self.heap[0][0] - self.clock_steps if self.heap else math.inf  # type: ignore[return-value]
+
+    def prefill(self, req: InFlight) -> None:
+        """Queue `req`'s prompt and replay until its first token; it then decodes."""
+        while len(self.heap) >= self.cfg.max_num_seqs:  # wait for a free slot
+            self.spare = 0
+            self._advance(self._until_next_finish(), 0)
+        left = req.prompt_tokens
+        used = min(self.spare, left)  # the rest of a step already replayed
+        left -= used
+        self.spare -= used
+        while left > 0:
+            per_step = max(self.cfg.max_num_batched_tokens - len(self.heap), 1)
+            need = math.ceil(left / per_step)
+            k = min(need, self._until_next_finish())
+            self._advance(k, min(left, per_step))
+            if k == need:
+                self.spare = k * per_step - left
+            left -= k * per_step
+        self._push(req.remaining, req.prompt_tokens)
+        for _ in range(req.n - 1):
+            self._push(req.remaining, req.prompt_tokens)
+
+
+class AdmissionPolicy:
+    def __init__(self, cfg: AdmissionConfig, model: StepCostModel | None = None) -> None:
+        self.cfg = cfg
+        self.model = model or StepCostModel()
+
+    def ahead_of(self, new: InFlight, pending: list[InFlight]) -> list[InFlight]:
+        """The pending requests the engine will serve before `new`, in that order."""
+        if self.cfg.policy != "priority":
+            return pending
+        ahead = [r for r in pending if r.priority <= new.priority]
+        return sorted(ahead, key=lambda r: (r.priority, r.arrival))  # stable: FCFS among equals
+
+    def predict_ttft(self, new: InFlight, running: list[InFlight], pending: list[InFlight]) -> float:
+        replay = _Replay(self.model, self.cfg, running)
+        for req in self.ahead_of(new, pending):
+            replay.prefill(req)
+        replay.prefill(new)
+        # The step that computes the prompt's last chunk emits the first token: the end of
+        # the last replayed step (possibly one replayed for the work ahead, if the prompt fit
+        # in the budget it left).
+        return replay.t
+
+    def predict_tpot(self, new: InFlight, running: list[InFlight]) -> float:
+        seqs = min(sum(r.live_seqs for r in running) + new.n, self.cfg.max_num_seqs)
+        context = sum(r.context * r.live_seqs for r in running) + new.prompt_tokens * new.n
+        return self.model.step_seconds(0, seqs, context)
+
+    def decide(self, new: InFlight, ledger: Ledger) -> Decision:
+        cfg = self.cfg
+        running, pending = ledger.running(), ledger.pending()
+        ttft = self.predict_ttft(new, running, pending)
+        if cfg.max_queued_requests is not None and len(pending) + 1 > cfg.max_queued_requests:
+            return Decision(False, ttft, "queue_requests",
+                            f"the server is overloaded: {len(pending)} requests are queued "
+                            f"(--max-queued-requests {cfg.max_queued_requests})", ttft)
+        queued = sum(r.prompt_tokens for r in pending)
+        if cfg.max_queued_tokens is not None and queued + new.prompt_tokens > cfg.max_queued_tokens:
+            return Decision(False, ttft, "queue_tokens",
+                            f"the server is overloaded: {queued} prompt tokens are queued and this "
+                            f"request adds {new.prompt_tokens} (--max-queued-tokens {cfg.max_queued_tokens})",
+                            ttft)
+        if cfg.policy == "fcfs":
+            return Decision(True, ttft)
+        if cfg.slo_ttft_s is not None and ttft > cfg.slo_ttft_s:
+            return Decision(False, ttft, "slo_ttft",
+                            f"the server is overloaded: the predicted time to first token is "
+                            f"{ttft * 1e3:.0f} ms, over the SLO of {cfg.slo_ttft_s * 1e3:.0f} ms",
+                            ttft - cfg.slo_ttft_s)
+        if cfg.slo_tpot_s is not None:
+            tpot = self.predict_tpot(new, running)
+            if tpot > cfg.slo_tpot_s and running:
+                soonest = min(r.remaining for r in running)
+                return Decision(False, ttft, "slo_tpot",
+                                f"the server is overloaded: the predicted time per output token is "
+                                f"{tpot * 1e3:.0f} ms, over the SLO of {cfg.slo_tpot_s * 1e3:.0f} ms",
+                                soonest * self.model.step_seconds(0, sum(r.live_seqs for r in running)))
+        return Decision(True, ttft)
+
+    def deadline(self, arrival: float) -> float | None:
+        """When a request that arrived at `arrival` is shed if it has no token yet."""
+        if self.cfg.policy == "fcfs" or self.cfg.slo_ttft_s is None:
+            return None
+        return arrival + self.cfg.slo_ttft_s

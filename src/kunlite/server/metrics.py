@@ -1,0 +1,104 @@
+"""Prometheus metrics, named like vLLM's (`vllm:` -> `kunlite:`) so that existing dashboards
+work, and the one-line periodic log.
+
+Every metric carries the `model_name` label, as vLLM's do. Each server has its own registry
+(several servers can live in one test process). Latencies are measured in the front end, at
+the moment an engine output reaches it; the queue time is measured in the engine (from the
+request's arrival there to its first scheduled step).
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the app)
+
+from kunlite.engine.messages import EngineStats
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                    10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                    240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r, m = self.registry, ["model_name"]
+
+        def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, m, buckets=buckets, registry=r)
+
+        self._ttft = hist("kunlite:time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS)
+        self._itl = hist("kunlite:inter_token_latency_seconds", "Time between two outputs of a sequence.",
+                         _LATENCY_BUCKETS)
+        self._e2e = hist("kunlite:e2e_request_latency_seconds", "End-to-end request latency.", _REQUEST_BUCKETS)
+        self._queue = hist("kunlite:request_queue_time_seconds", "Time a request waited in the engine queue.",
+                           _REQUEST_BUCKETS)
+        self._running = Gauge("kunlite:num_requests_running", "Sequences running in the engine.", m, registry=r)
+        self._waiting = Gauge("kunlite:num_requests_waiting", "Sequences waiting in the engine.", m, registry=r)
+        self._kv = Gauge("kunlite:kv_cache_usage_perc", "KV cache usage (1 = full).", m, registry=r)
+        self._preemptions = Counter("kunlite:num_preemptions", "Preemptions by the engine.", m, registry=r)
+        self._prompt = Counter("kunlite:prompt_tokens", "Prompt tokens of the requests that started (prefix-cache hits included).", m, registry=r)
+        self._generation = Counter("kunlite:generation_tokens", "Tokens generated.", m, registry=r)
+        self._success = Counter("kunlite:request_success", "Finished choices, by finish reason.",
+                                m + ["finished_reason"], registry=r)
+        self._rejected = Counter("kunlite:requests_rejected", "Requests turned away by admission, by reason.",
+                                 m + ["reason"], registry=r)
+        self.model_name = model_name
+        self.ttft = self._ttft.labels(model_name)
+        self.itl = self._itl.labels(model_name)
+        self.e2e = self._e2e.labels(model_name)
+        self.queue_time = self._queue.labels(model_name)
+        self.running = self._running.labels(model_name)
+        self.waiting = self._waiting.labels(model_name)
+        self.kv_usage = self._kv.labels(model_name)
+        self.preemptions = self._preemptions.labels(model_name)
+        self._prompt_tokens = self._prompt.labels(model_name)
+        self._generation_tokens = self._generation.labels(model_name)
+        self.prompt_total = 0  # the two token counters' values, for the log line
+        self.generation_total = 0
+        self._preemptions_seen = 0
+        self.stats: EngineStats | None = None
+        # for the periodic log line: (time, prompt tokens, generation tokens) at the last line
+        self._last_log = (time.monotonic(), 0, 0)
+
+    def add_tokens(self, prompt: int = 0, generation: int = 0) -> None:
+        if prompt:
+            self._prompt_tokens.inc(prompt)
+            self.prompt_total += prompt
+        if generation:
+            self._generation_tokens.inc(generation)
+            self.generation_total += generation
+
+    def success(self, finished_reason: str) -> None:
+        self._success.labels(self.model_name, finished_reason).inc()
+
+    def rejected(self, reason: str) -> None:
+        self._rejected.labels(self.model_name, reason).inc()
+
+    def on_stats(self, stats: EngineStats) -> None:
+        self.stats = stats
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_usage)
+        if stats.num_preemptions_total > self._preemptions_seen:
+            self.preemptions.inc(stats.num_preemptions_total - self._preemptions_seen)
+            self._preemptions_seen = stats.num_preemptions_total
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def log_line(self) -> str:
+        """Running, waiting, KV use and token throughput since the previous line."""
+        now = time.monotonic()
+        prompt, gen = self.prompt_total, self.generation_total
+        t0, p0, g0 = self._last_log
+        self._last_log = (now, prompt, gen)
+        dt = max(now - t0, 1e-9)
+        s = self.stats
+        running, waiting, kv = (s.num_running, s.num_waiting, s.kv_usage * 100) if s else (0, 0, 0.0)
+        return (f"running: {running} reqs, waiting: {waiting} reqs, KV cache usage: {kv:.1f}%, "
+                f"prompt throughput: {(prompt - p0) / dt:.1f} tokens/s, "
+                f"generation throughput: {(gen - g0) / dt:.1f} tokens/s")
