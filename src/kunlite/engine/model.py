@@ -70,31 +70,58 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:  # (d/2,) float64
 
 
 class Rope:
-    """Rotary embedding in HF's rotate-half layout, with a cos/sin table for every position."""
+    """Rotary embedding in HF's rotate-half layout, with a cos/sin table for every position.
+
+    rotate_half(x) = [-x2, x1] = roll(x, d/2) * [-1 .. -1, 1 .. 1], so the table keeps sin with
+    its first half negated and each application is one roll and two multiply-adds.
+    """
 
     def __init__(self, cfg: ModelConfig, max_positions: int, device: torch.device, dtype: torch.dtype):
         inv = rope_inv_freq(cfg).float()  # (d/2,)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv)  # (N, d/2)
-        emb = torch.cat([freqs, freqs], dim=-1)  # (N, d)
-        self.cos = emb.cos().to(device=device, dtype=dtype)  # (N, d)
-        self.sin = emb.sin().to(device=device, dtype=dtype)  # (N, d)
+        self.cos = torch.cat([freqs.cos(), freqs.cos()], dim=-1).to(device=device, dtype=dtype)  # (N, d)
+        self.sin = torch.cat([-freqs.sin(), freqs.sin()], dim=-1).to(device=device, dtype=dtype)  # (N, d)
         self.half = cfg.head_dim // 2
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: (T, H, d); positions: (T,)
-        cos = self.cos[positions].unsqueeze(1)  # (T, 1, d)
-        sin = self.sin[positions].unsqueeze(1)  # (T, 1, d)
-        x1, x2 = x[..., : self.half], x[..., self.half :]  # (T, H, d/2) each
-        rotated = torch.cat([-x2, x1], dim=-1)  # (T, H, d)
-        return x * cos + rotated * sin
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Once per step: cos and signed sin at the step's positions, each (T, 1, d)."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x: (T, H, d) -> (T, H, d)
+        return torch.addcmul(x * cos, x.roll(self.half, dims=-1), sin)
+
+
+class Linear:
+    """F.linear, with a CPU path for half-precision weights on processors without bf16 units.
+
+    There, a bf16 matrix-vector product streams the weights well, but a bf16 matrix product
+    runs at a fraction of fp32's rate. So once a batch has `upcast_min_rows` rows, the weight is
+    widened into an fp32 scratch buffer (one per model, sized for the largest matrix, small
+    enough to stay in cache) and multiplied in fp32. Inputs and outputs keep the model dtype.
+    """
+
+    def __init__(self, max_numel: int, device: torch.device, dtype: torch.dtype, upcast_min_rows: int) -> None:
+        self.upcast = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and upcast_min_rows > 0
+        self.min_rows = upcast_min_rows
+        self.scratch = torch.empty(max_numel if self.upcast else 0, dtype=torch.float32)  # (max_numel,)
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (M, K), w: (N, K) -> (M, N)
+        if not self.upcast or x.shape[0] < self.min_rows:
+            return F.linear(x, w, b)
+        wf = self.scratch[: w.numel()].view(w.shape).copy_(w)  # (N, K) fp32
+        return F.linear(x.float(), wf, None if b is None else b.float()).to(x.dtype)
 
 
 class DecoderLayer:
-    def __init__(self, cfg: ModelConfig, local_index: int, backend: AttentionBackend, rope: Rope) -> None:
+    def __init__(self, cfg: ModelConfig, local_index: int, backend: AttentionBackend, rope: Rope,
+                 linear: Linear) -> None:
         self.cfg = cfg
         self.local_index = local_index  # index into the per-step page tables
         self.backend = backend
         self.rope = rope
+        self.linear = linear
         self.eps = cfg.rms_norm_eps
         self.qk = cfg.q_size + cfg.kv_size
 
@@ -111,35 +138,38 @@ class DecoderLayer:
     def forward(
         self,
         x: torch.Tensor,  # (T, h) residual stream
-        positions: torch.Tensor,  # (T,)
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin at the step's positions: (T, 1, d) each
         kv_cache: torch.Tensor,  # (P, 2, ps, H_kv, d)
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # (T, h)
-        cfg = self.cfg
+        cfg, linear = self.cfg, self.linear
         T = x.shape[0]
         h = F.rms_norm(x, (cfg.hidden_size,), self.in_norm, self.eps)  # (T, h)
-        qkv = F.linear(h, self.w_qkv, self.b_qkv)  # (T, q + 2kv)
-        qk = self.rope(qkv[:, : self.qk].view(T, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim), positions)
+        qkv = linear(h, self.w_qkv, self.b_qkv)  # (T, q + 2kv)
+        qk = self.rope.apply(qkv[:, : self.qk].view(T, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim), *rope)
         q = qk[:, : cfg.num_heads]  # (T, H_q, d)
         k = qk[:, cfg.num_heads :]  # (T, H_kv, d)
         v = qkv[:, self.qk :].view(T, cfg.num_kv_heads, cfg.head_dim)  # (T, H_kv, d)
         o = self.backend.forward(q, k, v, kv_cache, self.local_index, meta)  # (T, H_q, d)
-        x = x + F.linear(o.reshape(T, cfg.q_size), self.w_o)  # (T, h)
+        x = x + linear(o.reshape(T, cfg.q_size), self.w_o)  # (T, h)
         h = F.rms_norm(x, (cfg.hidden_size,), self.post_norm, self.eps)  # (T, h)
-        gate, up = F.linear(h, self.w_gate_up).chunk(2, dim=-1)  # (T, I) each
-        return x + F.linear(F.silu(gate) * up, self.w_down)  # (T, h)
+        gate, up = linear(h, self.w_gate_up).chunk(2, dim=-1)  # (T, I) each
+        return x + linear(F.silu(gate) * up, self.w_down)  # (T, h)
 
 
 class CausalLM:
     """The layers [l0, l1) of one model, bound to one device pool."""
 
     def __init__(self, cfg: ModelConfig, layers: tuple[int, int], backend: AttentionBackend,
-                 pool: DevicePool, rope: Rope) -> None:
+                 pool: DevicePool, rope: Rope, *, upcast_min_rows: int = 8) -> None:
         self.cfg = cfg
         self.l0, self.l1 = layers
         self.first = self.l0 == 0
         self.last = self.l1 == cfg.num_layers
-        self.layers = [DecoderLayer(cfg, i - self.l0, backend, rope) for i in range(self.l0, self.l1)]
+        self.rope = rope
+        largest = max(s.numel for g in pool.layouts.values() for s in g.slots)
+        self.linear = Linear(largest, pool.storage.device, pool.storage.dtype, upcast_min_rows)
+        self.layers = [DecoderLayer(cfg, i - self.l0, backend, rope, self.linear) for i in range(self.l0, self.l1)]
         self.pool = pool
         self.bind()
 
@@ -162,11 +192,12 @@ class CausalLM:
     ) -> torch.Tensor:  # (T, h) hidden states after the last local layer (pre-norm)
         x = F.embedding(inputs, self.embed) if self.first else inputs  # (T, h)
         kv_cache = self.pool.kv_cache
+        rope = self.rope.tables(positions)
         for layer in self.layers:
-            x = layer.forward(x, positions, kv_cache, meta)
+            x = layer.forward(x, rope, kv_cache, meta)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (R, h) rows to sample -> (R, V) float32 logits."""
         h = F.rms_norm(hidden, (self.cfg.hidden_size,), self.norm, self.cfg.rms_norm_eps)  # (R, h)
-        return F.linear(h, self.lm_head).float()  # (R, V)
+        return self.linear(h, self.lm_head).float()  # (R, V)

@@ -7,6 +7,8 @@ The three functions below are also the fp32 references the kernel tests compare 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -18,10 +20,13 @@ def write_kv(
     k: torch.Tensor,  # (T, H_kv, d)
     v: torch.Tensor,  # (T, H_kv, d)
     slot_mapping: torch.Tensor,  # (T,) int64: page * page_size + offset
+    *,
+    pages: torch.Tensor | None = None,  # (T,) slot_mapping // page_size, when already known
+    offsets: torch.Tensor | None = None,  # (T,) slot_mapping % page_size
 ) -> None:
-    page_size = kv_cache.shape[2]
-    pages = slot_mapping // page_size  # (T,)
-    offsets = slot_mapping % page_size  # (T,)
+    if pages is None or offsets is None:
+        page_size = kv_cache.shape[2]
+        pages, offsets = slot_mapping // page_size, slot_mapping % page_size  # (T,) each
     kv_cache[pages, 0, offsets] = k.to(kv_cache.dtype)
     kv_cache[pages, 1, offsets] = v.to(kv_cache.dtype)
 
@@ -45,19 +50,26 @@ def decode_attention(
     *,
     scale: float,
     max_seq_len: int,
+    valid: torch.Tensor | None = None,  # (B, 1, 1, S) bool, S = pages * page_size, when already known
 ) -> torch.Tensor:  # (B, H_q, d)
     B, hq, d = q.shape
     ps, hkv = kv_cache.shape[2], kv_cache.shape[3]
     n_pages = -(-max_seq_len // ps)
     k, v = gather_kv(kv_cache, page_table[:, :n_pages])  # (B, H_kv, S, d) each
-    S = k.shape[2]
-    valid = torch.arange(S, device=q.device)[None, :] < seq_lens[:, None]  # (B, S)
+    if valid is None:
+        valid = decode_mask(seq_lens, n_pages * ps)
     qg = q.view(B, hkv, hq // hkv, d).to(k.dtype)  # (B, H_kv, G, d)
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # (B, H_kv, G, S)
-    scores = scores.float().masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)  # (B, H_kv, G, S)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float()  # (B, H_kv, G, S)
+    # Masked slots get -inf before the softmax: finite garbage in them never matters (the pool
+    # is zeroed at start-up, so no page holds NaN).
+    probs = torch.softmax(scores.masked_fill_(~valid, float("-inf")).mul_(scale), dim=-1).to(v.dtype)
     out = torch.matmul(probs, v)  # (B, H_kv, G, d)
     return out.reshape(B, hq, d).to(q.dtype)
+
+
+def decode_mask(seq_lens: torch.Tensor, span: int) -> torch.Tensor:  # (B, 1, 1, span) bool
+    """True where a decode query may attend: key positions below each sequence's length."""
+    return (torch.arange(span, device=seq_lens.device)[None, :] < seq_lens[:, None])[:, None, None, :]
 
 
 def extend_attention(
@@ -90,9 +102,29 @@ def extend_attention(
     return out
 
 
+@dataclass(frozen=True)
+class _StepPlan:
+    """What every layer of one step shares: derived once in prepare()."""
+
+    meta: AttentionMetadata  # the step this plan belongs to (compared by identity)
+    pages: torch.Tensor  # (L, T) int64: slot_mapping // page_size
+    offsets: torch.Tensor  # (L, T) int64: slot_mapping % page_size
+    decode_valid: torch.Tensor | None  # (B_d, 1, 1, S) bool
+    decode_max_len: int
+
+
 @register_backend
 class TorchBackend(AttentionBackend):
     name = "torch"
+    _plan: _StepPlan | None = None
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        nd = meta.num_decodes
+        max_len = max(meta.seq_lens_cpu[:nd], default=0)
+        span = -(-max_len // self.page_size) * self.page_size
+        self._plan = _StepPlan(
+            meta=meta, pages=meta.slot_mapping // self.page_size, offsets=meta.slot_mapping % self.page_size,
+            decode_valid=decode_mask(meta.seq_lens[:nd], span) if nd else None, decode_max_len=max_len)
 
     def forward(
         self,
@@ -103,16 +135,21 @@ class TorchBackend(AttentionBackend):
         layer: int,
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # (T, H_q, d)
-        write_kv(kv_cache, k, v, meta.slot_mapping[layer])
+        if self._plan is None or self._plan.meta is not meta:
+            self.prepare(meta)
+        plan = self._plan
+        assert plan is not None
+        write_kv(kv_cache, k, v, meta.slot_mapping[layer], pages=plan.pages[layer], offsets=plan.offsets[layer])
         nd = meta.num_decodes
         page_table = meta.page_tables[layer]  # (B, max_pages)
+        decode = lambda qd: decode_attention(  # noqa: E731
+            qd, kv_cache, page_table[:nd], meta.seq_lens[:nd], scale=self.scale,
+            max_seq_len=plan.decode_max_len, valid=plan.decode_valid)
         if nd == meta.num_seqs:
-            return decode_attention(q, kv_cache, page_table, meta.seq_lens, scale=self.scale,
-                                    max_seq_len=meta.max_seq_len)
+            return decode(q)
         out = torch.empty_like(q)  # (T, H_q, d)
         if nd:
-            out[:nd] = decode_attention(q[:nd], kv_cache, page_table[:nd], meta.seq_lens[:nd],
-                                        scale=self.scale, max_seq_len=max(meta.seq_lens_cpu[:nd]))
+            out[:nd] = decode(q[:nd])
         out[nd:] = extend_attention(q[nd:], kv_cache, page_table[nd:], meta.query_lens_cpu[nd:],
                                     meta.seq_lens_cpu[nd:], scale=self.scale)
         return out
