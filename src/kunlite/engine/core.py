@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from kunlite.config import EngineConfig
+from kunlite.config import ConfigError, EngineConfig
 from kunlite.engine.messages import EngineRequest, EngineStats, RequestOutput, StepTiming
 from kunlite.engine.preemption import make_policy
 from kunlite.engine.runner import ModelRunner, StepInputs
@@ -61,8 +61,12 @@ class EngineCore:
         self.sampler = Sampler(seed=config.seed)
         self.eos = eos_token_ids(config.model_dir)
         self.max_model_len = config.max_model_len
-        self.prefix_hit_tokens = 0
         self.timings: list[StepTiming] = []
+        if self.kv_capacity_tokens < self.max_model_len:
+            # A sequence that can never fit would wait forever: refuse to start instead.
+            raise ConfigError(
+                f"the KV cache holds {self.kv_capacity_tokens} tokens, fewer than --max-model-len "
+                f"{self.max_model_len}; raise --device-memory or lower --max-model-len")
         log.info("KV capacity: %d tokens (%d blocks of %d tokens, %d KV pages of %d KiB; %d parameter pages)",
                  self.kv_capacity_tokens, self.kv.num_total_blocks, self.kv.page_size, self.kv.num_kv_pages,
                  self.runner.pool.page_bytes // 1024, self.runner.pool.param_pages)

@@ -161,7 +161,7 @@ class CausalLM:
     """The layers [l0, l1) of one model, bound to one device pool."""
 
     def __init__(self, cfg: ModelConfig, layers: tuple[int, int], backend: AttentionBackend,
-                 pool: DevicePool, rope: Rope, *, upcast_min_rows: int = 8) -> None:
+                 pool: DevicePool, rope: Rope, *, upcast_min_rows: int = 4) -> None:
         self.cfg = cfg
         self.l0, self.l1 = layers
         self.first = self.l0 == 0
