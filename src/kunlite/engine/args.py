@@ -26,6 +26,7 @@ class EngineOptions:
     max_model_len: int | None = None
     preemption_mode: str = "recompute"
     seed: int = 0
+    layer_range: tuple[int, int] | None = None  # a pipeline stage's layers; None: the whole model
 
     def build(self) -> EngineConfig:
         from kunlite.engine.pull import resolve_model
@@ -36,11 +37,15 @@ class EngineOptions:
         if self.max_model_len and self.max_model_len > model.max_position_embeddings:
             raise ConfigError(f"--max-model-len {self.max_model_len} exceeds the model's "
                               f"max_position_embeddings {model.max_position_embeddings}")
+        if self.layer_range is not None:
+            l0, l1 = self.layer_range
+            if not 0 <= l0 < l1 <= model.num_layers:
+                raise ConfigError(f"layer range {self.layer_range} is not inside [0, {model.num_layers})")
         budget = self.max_num_batched_tokens
         if budget is None:
             budget = 512 if self.enable_chunked_prefill else max_len
         return EngineConfig(
-            model_dir=str(model_dir), model=model, seed=self.seed,
+            model_dir=str(model_dir), model=model, seed=self.seed, layer_range=self.layer_range,
             cache=CacheConfig(page_size=self.page_size,
                               device_memory=parse_size(self.device_memory) if self.device_memory else None,
                               enable_prefix_caching=self.enable_prefix_caching),
@@ -71,4 +76,4 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace) -> EngineOptions:
-    return EngineOptions(**{f.name: getattr(args, f.name) for f in fields(EngineOptions)})
+    return EngineOptions(**{f.name: getattr(args, f.name) for f in fields(EngineOptions) if hasattr(args, f.name)})
