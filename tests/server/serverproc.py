@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -35,6 +35,7 @@ class ServerProcess:
     proc: subprocess.Popen[bytes]
     log_path: Path
     api_key: str | None
+    health_seen: list[int] = field(default_factory=list)  # /health statuses while starting
 
     @property
     def headers(self) -> dict[str, str]:
@@ -76,7 +77,8 @@ def start_server(model_dir: Path, log_path: Path, *args: str, api_key: str | Non
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode}:\n{server.log()}")
         try:
-            if httpx.get(server.url + "/health", timeout=2).status_code == 200:
+            server.health_seen.append(httpx.get(server.url + "/health", timeout=2).status_code)
+            if server.health_seen[-1] == 200:
                 return server
         except httpx.HTTPError:
             pass

@@ -142,6 +142,15 @@ def test_batch_of_prompts(client: openai.OpenAI) -> None:
     assert {c.text for c in r.choices if c.index >= 2} == {single.choices[0].text}
 
 
+def test_echo_prepends_the_prompt(client: openai.OpenAI) -> None:
+    plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0)
+    echoed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, echo=True)
+    assert echoed.choices[0].text == PROMPT + plain.choices[0].text
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, echo=True,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == echoed.choices[0].text
+
+
 @pytest.mark.parametrize("kwargs, param", [
     ({"temperature": -0.5}, "temperature"),
     ({"top_p": 0.0}, "top_p"),

@@ -7,9 +7,11 @@ Everything on the pipe is a msgspec msgpack-encoded `ToEngine` / `FromEngine` ta
 
 Protocol:
     -> EngineReady once the model is loaded (or EngineDead if that fails), then
-    -> EngineOutputs after every step that produced outputs, and at least every
-       HEARTBEAT_S while idle (fresh stats for the front end's gauges). The first one carries
-       the timings of a short warm-up, so that the front end's cost model starts from data.
+    -> EngineOutputs after every step (its outputs, stats and timing), and at least every
+       HEARTBEAT_S while idle (fresh stats for the front end's gauges). While busy, the next
+       step begins right after a message is sent (the front end's admission relies on it).
+       The first one carries the timings of a short warm-up, so that the front end's cost
+       model starts from data.
     <- EngineRequest / AbortRequests at any time; Shutdown (or EOF: the front end is gone)
        ends the loop.
 On an exception in the core the worker sends EngineDead(message) and exits with status 1.
@@ -92,9 +94,12 @@ class Worker:
             stepped = self.core.step() if self.core.has_unfinished else []
             outputs.extend(stepped)
             queued = self.queue_times(step_start, stepped)
+            timings = self.core.take_timings()
             now = time.monotonic()
-            if outputs or queued or now - self.last_sent >= HEARTBEAT_S:
-                self.send(EngineOutputs(outputs, self.core.stats(), self.core.take_timings(), queued))
+            # One message per step that ran (a prompt chunk has no outputs, but its timing
+            # tells the front end that the next step begins now), or a heartbeat.
+            if outputs or queued or timings or now - self.last_sent >= HEARTBEAT_S:
+                self.send(EngineOutputs(outputs, self.core.stats(), timings, queued))
                 self.last_sent = now
             if busy and not stepped:
                 time.sleep(IDLE_POLL_S)  # nothing schedulable right now

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kunlite.server.cost_model import StepCostModel
 
@@ -133,10 +133,35 @@ class _Replay:
         for r in running:
             for _ in range(r.live_seqs):
                 self._push(r.remaining, r.context)
-        # The step in flight when the request arrives: on average half of it is still to come;
-        # count all of it, to err on the safe side.
-        if self.heap:
-            self.t += self._step(0)
+
+    def step_in_flight(self, pending: list[InFlight], now: float, step_start: float | None) -> list[InFlight]:
+        """Replay the rest of the step the engine is running, which began at `step_start`
+        (None: the engine is idle) with the decodes and the prompts of `pending` that were
+        there by then (in order, as far as the budget goes). A new prompt cannot join it.
+        Returns the pending requests still to prefill, less what this step computes."""
+        if step_start is None:
+            return pending
+        budget = max(self.cfg.max_num_batched_tokens - len(self.heap), 0)
+        rest, chunk, done = [], 0, []
+        for r in pending:
+            take = min(r.prompt_tokens, budget) if r.arrival <= step_start else 0
+            budget -= take
+            chunk += take
+            if take and take == r.prompt_tokens:
+                done.append(r)  # its first token comes at the end of this step
+            else:
+                rest.append(replace(r, prompt_tokens=r.prompt_tokens - take))
+        duration = self._step(chunk)
+        self.t += max(duration - (now - step_start), 0.0)  # an overdue step is about to end
+        self._advance(1, 0, timed=False)
+        for r in done:
+            self._start_decoding(r)
+        return rest
+
+    def _start_decoding(self, req: InFlight) -> None:
+        """`req` just got its first token: its n sequences decode the rest."""
+        for _ in range(req.n):
+            self._push(req.remaining - 1, req.prompt_tokens + 1)
 
     def _push(self, remaining: int, context: int) -> None:
         if remaining > 0:
@@ -149,9 +174,10 @@ class _Replay:
     def _step(self, prefill: int) -> float:
         return self.model.step_seconds(prefill, len(self.heap), self._context() + prefill)
 
-    def _advance(self, steps: int, prefill_per_step: int) -> None:
+    def _advance(self, steps: int, prefill_per_step: int, timed: bool = True) -> None:
         """Replay `steps` steps (no sequence finishes strictly inside them)."""
-        self.t += steps * self._step(prefill_per_step)
+        if timed:
+            self.t += steps * self._step(prefill_per_step)
         self.clock_steps += steps
         while self.heap and self.heap[0][0] <= self.clock_steps:
             _, ctx0 = heapq.heappop(self.heap)
@@ -166,20 +192,25 @@ class _Replay:
             self.spare = 0
             self._advance(self._until_next_finish(), 0)
         left = req.prompt_tokens
-        used = min(self.spare, left)  # the rest of a step already replayed
-        left -= used
-        self.spare -= used
+        if self.spare and left:  # the rest of the budget of the last replayed step
+            used = min(self.spare, left)
+            self.t += self.model.step_seconds(used, 0, used) - self.model.step_seconds(0, 0, 0)
+            self.spare -= used
+            left -= used
         while left > 0:
             per_step = max(self.cfg.max_num_batched_tokens - len(self.heap), 1)
             need = math.ceil(left / per_step)
             k = min(need, self._until_next_finish())
-            self._advance(k, min(left, per_step))
-            if k == need:
-                self.spare = k * per_step - left
-            left -= k * per_step
-        self._push(req.remaining, req.prompt_tokens)
-        for _ in range(req.n - 1):
-            self._push(req.remaining, req.prompt_tokens)
+            if k < need:  # a sequence finishes first: more budget for prompts after it
+                self._advance(k, per_step)
+                left -= k * per_step
+                continue
+            if k > 1:
+                self._advance(k - 1, per_step)
+            last = left - (k - 1) * per_step
+            self._advance(1, last)
+            self.spare, left = per_step - last, 0
+        self._start_decoding(req)
 
 
 class AdmissionPolicy:
@@ -194,9 +225,13 @@ class AdmissionPolicy:
         ahead = [r for r in pending if r.priority <= new.priority]
         return sorted(ahead, key=lambda r: (r.priority, r.arrival))  # stable: FCFS among equals
 
-    def predict_ttft(self, new: InFlight, running: list[InFlight], pending: list[InFlight]) -> float:
+    def predict_ttft(self, new: InFlight, running: list[InFlight], pending: list[InFlight],
+                     now: float = 0.0, step_start: float | None = None) -> float:
+        """Seconds from `now` to `new`'s first token. `step_start`: when the engine's current
+        step began (None: idle)."""
         replay = _Replay(self.model, self.cfg, running)
-        for req in self.ahead_of(new, pending):
+        rest = replay.step_in_flight(pending, now, step_start)
+        for req in self.ahead_of(new, rest):
             replay.prefill(req)
         replay.prefill(new)
         # The step that computes the prompt's last chunk emits the first token: the end of
@@ -209,10 +244,10 @@ class AdmissionPolicy:
         context = sum(r.context * r.live_seqs for r in running) + new.prompt_tokens * new.n
         return self.model.step_seconds(0, seqs, context)
 
-    def decide(self, new: InFlight, ledger: Ledger) -> Decision:
+    def decide(self, new: InFlight, ledger: Ledger, now: float = 0.0, step_start: float | None = None) -> Decision:
         cfg = self.cfg
         running, pending = ledger.running(), ledger.pending()
-        ttft = self.predict_ttft(new, running, pending)
+        ttft = self.predict_ttft(new, running, pending, now, step_start)
         if cfg.max_queued_requests is not None and len(pending) + 1 > cfg.max_queued_requests:
             return Decision(False, ttft, "queue_requests",
                             f"the server is overloaded: {len(pending)} requests are queued "

@@ -9,6 +9,11 @@ few hundred steps the prior is a small pull. Features are scaled to units of sim
 (100 prefill tokens, 10 decode tokens, 1000 context tokens, 1 step) so that one ridge weight
 suits them all. Coefficients are kept non-negative: a step never gets cheaper with more work.
 
+On top of the regression, a fast moving average of (measured / predicted) over the latest
+steps, the *slowdown*, scales predictions up when steps run slower than the fit says (another
+process on the same cores, a GPU clocking down); the regression, which forgets slowly,
+catches up later and the slowdown returns to 1. It never scales predictions down.
+
 Pure: plain numbers in, seconds out; nothing here knows about processes or the event loop.
 """
 
@@ -35,7 +40,9 @@ class StepCostModel:
     prior: tuple[float, float, float, float] = DEFAULT_PRIOR
     prior_weight: float = 1.0  # the prior counts as this many (scaled) observations
     forget: float = 0.998  # per observed step: about the last 500 steps matter
+    slowdown_alpha: float = 0.1  # weight of the latest step in the slowdown average
     num_observed: int = 0
+    slowdown: float = 1.0  # recent measured / predicted step time, averaged
     _a: np.ndarray = field(default_factory=lambda: np.zeros((4, 4)))
     _y: np.ndarray = field(default_factory=lambda: np.zeros(4))
     _theta: np.ndarray | None = None  # cached solution; None after new data
@@ -45,6 +52,8 @@ class StepCostModel:
             if not (t.seconds >= 0.0) or t.num_prefill_tokens + t.num_decode_tokens <= 0:
                 continue
             x = _features(t.num_prefill_tokens, t.num_decode_tokens, t.num_context_tokens)
+            ratio = t.seconds / max(float(x @ self.theta), 1e-6)
+            self.slowdown += self.slowdown_alpha * (min(ratio, 10.0) - self.slowdown)
             self._a = self.forget * self._a + np.outer(x, x)
             self._y = self.forget * self._y + x * t.seconds
             self.num_observed += 1
@@ -72,4 +81,5 @@ class StepCostModel:
 
     def step_seconds(self, prefill: float = 0, decode: float = 0, context: float = 0) -> float:
         """Predicted duration of one step with that much work; never below 1 microsecond."""
-        return max(float(_features(prefill, decode, context) @ self.theta), 1e-6)
+        fit = float(_features(prefill, decode, context) @ self.theta)
+        return max(fit * max(self.slowdown, 1.0), 1e-6)

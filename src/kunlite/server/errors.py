@@ -60,6 +60,7 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 
 _PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+_MISSING = re.compile(r"Object missing required field `([^`]*)`")
 
 
 def from_decode_error(e: Exception) -> ApiError:
@@ -70,10 +71,11 @@ def from_decode_error(e: Exception) -> ApiError:
     if isinstance(e, UnicodeDecodeError):
         return bad_request("the request body is not valid UTF-8")
     message = str(e)
-    param = None
     match = _PATH.search(message)
-    if match:
-        param = match.group(1) or None  # the full path, e.g. "messages[0].content"
+    param = match.group(1) if match else ""  # the full path, e.g. "messages[0].content"
+    missing = _MISSING.match(message)
+    if missing:  # "Object missing required field `role` - at `$.messages[0]`"
+        param = f"{param}.{missing.group(1)}" if param else missing.group(1)
     if isinstance(e, msgspec.ValidationError):
-        return bad_request(f"invalid request: {message}", param)
+        return bad_request(f"invalid request: {message}", param or None)
     return bad_request(f"the request body is not valid JSON: {message}")

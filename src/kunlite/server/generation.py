@@ -13,6 +13,7 @@ their KV pages are freed, and forgets them in the ledger.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from typing import Any
@@ -23,6 +24,8 @@ from kunlite.sampling_params import SamplingParams
 from kunlite.server.admission import InFlight
 from kunlite.server.errors import ApiError
 from kunlite.server.runtime import Runtime
+
+log = logging.getLogger("kunlite.server")
 
 DISCONNECTED = object()  # put into the queue when the client disconnects
 
@@ -66,7 +69,9 @@ class Generation:
         whole = InFlight(prompt_tokens=sum(len(s.prompt_token_ids) for s in self.states),
                          n=self.params.n * len(self.states), max_tokens=max_tokens,
                          priority=self.priority, arrival=self.arrival)
-        decision = rt.policy.decide(whole, rt.ledger)
+        decision = rt.policy.decide(whole, rt.ledger, time.monotonic(), rt.step_start())
+        log.debug("%s: %s, predicted TTFT %.0f ms (%s)", self.id, "admitted" if decision.admit else "rejected",
+                  decision.predicted_ttft * 1e3, decision.reason or "ok")
         if not decision.admit:
             rt.metrics.rejected(decision.reason or "overload")
             raise ApiError(429, decision.message, code=decision.reason, retry_after=decision.retry_after)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the app)
 
 from kunlite.engine.messages import EngineStats
 
@@ -34,13 +33,14 @@ class ServerMetrics:
         self._itl = hist("kunlite:inter_token_latency_seconds", "Time between two outputs of a sequence.",
                          _LATENCY_BUCKETS)
         self._e2e = hist("kunlite:e2e_request_latency_seconds", "End-to-end request latency.", _REQUEST_BUCKETS)
-        self._queue = hist("kunlite:request_queue_time_seconds", "Time a request waited in the engine queue.",
-                           _REQUEST_BUCKETS)
+        self._queue = hist("kunlite:request_queue_time_seconds",
+                           "Time a request waited in the engine queue.", _REQUEST_BUCKETS)
         self._running = Gauge("kunlite:num_requests_running", "Sequences running in the engine.", m, registry=r)
         self._waiting = Gauge("kunlite:num_requests_waiting", "Sequences waiting in the engine.", m, registry=r)
         self._kv = Gauge("kunlite:kv_cache_usage_perc", "KV cache usage (1 = full).", m, registry=r)
         self._preemptions = Counter("kunlite:num_preemptions", "Preemptions by the engine.", m, registry=r)
-        self._prompt = Counter("kunlite:prompt_tokens", "Prompt tokens of the requests that started (prefix-cache hits included).", m, registry=r)
+        self._prompt = Counter("kunlite:prompt_tokens", "Prompt tokens of started requests (prefix-cache hits too).",
+                               m, registry=r)
         self._generation = Counter("kunlite:generation_tokens", "Tokens generated.", m, registry=r)
         self._success = Counter("kunlite:request_success", "Finished choices, by finish reason.",
                                 m + ["finished_reason"], registry=r)

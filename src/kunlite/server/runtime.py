@@ -71,6 +71,9 @@ class Runtime:
         self._tasks: list[asyncio.Task[None]] = []
         # request id -> monotonic time of its latest output, per choice (for the ITL metric)
         self._last_output: dict[str, list[float]] = {}
+        # The engine's latest message: when it came, and whether the engine was idle then.
+        self._engine_said_at = 0.0
+        self._engine_idle = True
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -125,12 +128,29 @@ class Runtime:
 
     # ------------------------------------------------------------------ accounting
 
+    def step_start(self) -> float | None:
+        """When the engine's current step began, as far as the front end can tell (monotonic
+        seconds), or None if it is idle. A busy worker begins a step right after each message;
+        an idle one, when the first request after its last message reaches it."""
+        if not self.ledger.requests:
+            return None
+        if not self._engine_idle:
+            return self._engine_said_at
+        later = [r.arrival for r in self.ledger.requests.values() if r.arrival >= self._engine_said_at]
+        return min(later) if later else None
+
     def on_engine_outputs(self, msg: EngineOutputs) -> None:
         now = time.monotonic()
         m = self.metrics
         m.on_stats(msg.stats)
+        self._engine_said_at = now
+        self._engine_idle = msg.stats.num_running == 0 and msg.stats.num_waiting == 0
         if self.policy is not None and msg.timings:
             self.policy.model.observe(msg.timings)
+            if log.isEnabledFor(logging.DEBUG):
+                for t in msg.timings:
+                    log.debug("step %s predicted %.3f", t, self.policy.model.step_seconds(
+                        t.num_prefill_tokens, t.num_decode_tokens, t.num_context_tokens))
         for _, seconds in msg.queue_times:
             m.queue_time.observe(seconds)
         for out in msg.outputs:
