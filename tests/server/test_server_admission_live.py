@@ -99,3 +99,27 @@ def test_queue_token_cap_raises_rate_limit_error(reject_server: ServerProcess) -
     assert info.value.status_code == 429
     assert info.value.body["code"] == "queue_tokens"
     assert int(info.value.response.headers["retry-after"]) >= 1
+
+
+def test_priority_orders_the_queue(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """Under `priority`, a request with a lower `priority` value jumps the queued ones."""
+    server = server_factory("--admission", "priority", "--slo-ttft-ms", "60000", "--max-num-seqs", "2")
+
+    async def timed(client: httpx.AsyncClient, prompt: str, priority: int, delay: float) -> float:
+        await asyncio.sleep(delay)
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 8, "ignore_eos": True, "priority": priority}
+        start = time.perf_counter()
+        r = await client.post(server.url + "/v1/completions", json=body, headers=server.headers)
+        assert r.status_code == 200, r.text
+        return time.perf_counter() - start + delay  # finish time, from the burst's start
+
+    async def run() -> tuple[list[float], float]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            lows = [timed(client, f"low {i}: " + " ".join(WORDS), 10, 0.0) for i in range(6)]
+            high = timed(client, "high: " + " ".join(WORDS), 0, 0.3)
+            *low_done, high_done = await asyncio.gather(*lows, high)
+            return low_done, high_done
+
+    low_done, high_done = asyncio.run(run())
+    # Two lows run at a time; the high one arrives while four wait and goes before them.
+    assert high_done < sorted(low_done)[-2], (high_done, sorted(low_done))

@@ -113,7 +113,8 @@ def warm_up(core: Any) -> None:
     vocab = core.config.model.vocab_size
     budget = core.config.scheduler.max_num_batched_tokens
     long_len = max(min(128, budget, core.max_model_len // 2), 1)
-    shapes = [(long_len, 3)] + [(8, 4)] * 8
+    short_len = max(min(8, core.max_model_len // 4), 1)  # prompt + 4 tokens stay inside the context
+    shapes = [(long_len, 3)] + [(short_len, 4)] * 8
     for i, (length, steps) in enumerate(shapes):
         ids = [(7919 * (i + 1) * (j + 1)) % vocab for j in range(length)]
         params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)

@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require `Authorization: Bearer KEY` on every endpoint but /health and /metrics "
                         "(default: $KUNLITE_API_KEY, else no key)")
     g.add_argument("--served-model-name", nargs="+", default=None,
-                   help="the model name(s) clients use; the first is reported in responses "
-                        "(default: the model's directory name, or --model as given)")
+                   help="the model name(s) clients may use; the first one is listed first and "
+                        "labels the metrics (default: the model's directory name, or --model as given)")
     g.add_argument("--max-request-body", default="8MiB", help="larger bodies get 413 (default: 8MiB)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--no-access-log", dest="access_log", action="store_false", help="no line per HTTP request")

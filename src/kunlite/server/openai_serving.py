@@ -250,6 +250,8 @@ class OpenAIServing:
                 yield fmt.usage_chunk()
         except ApiError as e:  # the engine died midway
             yield sse_error(e)
+        except ClientGone:  # noticed by the watcher just before the stream began: nobody reads
+            return
         except Exception:  # a bug: say so in the stream, keep the server up
             log.exception("stream %s failed", gen.id)
             yield sse_error(ApiError(500, "internal error while streaming", code="internal_error"))
