@@ -67,7 +67,8 @@ completion_bad_fields = st.one_of(
     st.tuples(st.just("prompt"), st.just("") | st.just([]) | st.integers() | st.booleans() | st.floats()
               | st.lists(st.integers(min_value=200_000, max_value=2**31 - 1), min_size=1, max_size=3)
               | st.tuples(st.text(min_size=1), st.integers(0, 100)).map(list)
-              | st.just("hello " * 9000) | st.lists(st.lists(st.lists(st.integers(0, 10)), min_size=1), min_size=1)),
+              | st.just("hello " * 9000) | st.just("\u4e2d" * 700_000)  # longer than the context: 400, quickly
+              | st.lists(st.lists(st.lists(st.integers(0, 10)), min_size=1), min_size=1)),
     st.tuples(st.just("logprobs"), st.integers(min_value=21) | st.integers(max_value=-1) | not_a_number),
     st.tuples(st.just("echo"), st.integers() | st.text()),
 )
@@ -80,7 +81,8 @@ chat_bad_fields = st.one_of(
               | st.just([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
               | st.just([{"role": "user", "content": [{"type": "nope"}]}])
               | st.just([{"role": "user", "content": {"text": "x"}}])
-              | st.just([{"role": "user", "content": "hello " * 9000}])),
+              | st.just([{"role": "user", "content": "hello " * 9000}])
+              | st.just([{"role": "user", "content": "x" * 2_000_000}])),
     st.tuples(st.just("logprobs"), st.integers() | st.text()),
     st.tuples(st.just("top_logprobs"), st.integers(min_value=21) | st.integers(max_value=-1)),
     st.tuples(st.just("max_completion_tokens"), st.integers(max_value=0) | beyond_64_bits | st.text()),

@@ -4,6 +4,7 @@ statuses, the side endpoints, and the metrics' names."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -112,6 +113,14 @@ def test_error_bodies(http: httpx.Client, server: ServerProcess) -> None:
 def test_stream_errors_before_the_first_token_are_plain_errors(http: httpx.Client) -> None:
     r = http.post("/v1/completions", json={"prompt": "", "stream": True})
     assert_error(r, 400, "prompt")
+
+
+def test_text_too_long_for_the_context_is_refused_before_tokenizing(http: httpx.Client) -> None:
+    start = time.perf_counter()
+    r = http.post("/v1/completions", json={"prompt": "\u4e2d" * 2_000_000, "max_tokens": 1})
+    err = assert_error(r, 400, "prompt")
+    assert err["code"] == "context_length_exceeded"
+    assert time.perf_counter() - start < 2.0  # tokenizing it would hold the event loop for ~5 s
 
 
 def test_oversized_body_gets_413(server: ServerProcess, http: httpx.Client) -> None:

@@ -123,6 +123,12 @@ class OpenAIServing:
             raise bad_request(str(e), e.param) from None
 
     def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        # Tokenizing holds the GIL (about 2 us per character): a text that cannot fit the
+        # context is refused before it can stall the event loop.
+        if len(text) > self.rt.max_prompt_chars:
+            raise bad_request(f"the text has {len(text)} characters; this model's context of {self.rt.max_model_len} "
+                              f"tokens cannot hold more than {self.rt.max_prompt_chars}", param,
+                              "context_length_exceeded")
         try:
             return self.rt.tokenizer.encode(text, add_special_tokens=add_special_tokens)  # type: ignore[union-attr]
         except ValueError as e:

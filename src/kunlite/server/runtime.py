@@ -65,6 +65,7 @@ class Runtime:
         self.engine: EngineClient | None = None
         self.max_model_len = 0
         self.vocab_size = 0
+        self.max_prompt_chars = 0  # texts longer than this are refused without tokenizing
         self.created = int(time.time())
         self.ledger = Ledger()
         self.policy: AdmissionPolicy | None = None
@@ -86,7 +87,12 @@ class Runtime:
             config = await asyncio.to_thread(self.cfg.engine.build)  # resolves (pulls) the model
             self.tokenizer = await asyncio.to_thread(Tokenizer.from_pretrained, config.model_dir)
             self.max_model_len = config.max_model_len
-            self.vocab_size = self.tokenizer.vocab_size
+            # Token ids from clients must be valid for the tokenizer and for the embedding.
+            self.vocab_size = min(self.tokenizer.vocab_size, config.model.vocab_size)
+            # No token spells more characters than its longest vocabulary entry (byte-level
+            # entries count bytes, more than characters): a longer text cannot fit the context.
+            longest = max(map(len, self.tokenizer.convert_ids_to_tokens(range(self.tokenizer.vocab_size))))
+            self.max_prompt_chars = self.max_model_len * max(longest, 1)
             sched = config.scheduler
             self.policy = AdmissionPolicy(AdmissionConfig(
                 policy=self.cfg.admission,
