@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -194,3 +195,18 @@ def test_metrics_names(http: httpx.Client) -> None:
     assert "# TYPE kunlite:requests_rejected_total counter" in text
     assert 'finished_reason="length"' in text
     assert f'model_name="{MODEL}"' in text
+
+
+@pytest.mark.parametrize("backend", ["openai", "openai-chat"])
+def test_bench_serve_runs_against_the_server(server: ServerProcess, smollm2: Path, tmp_path: Path,
+                                             backend: str) -> None:
+    from kunlite.bench import serve as bench
+
+    result = tmp_path / "bench.json"
+    rc = bench.main(["--base-url", server.url, "--api-key", server.api_key or "", "--backend", backend,
+                     "--tokenizer", str(smollm2), "--num-prompts", "4", "--random-input-len", "32",
+                     "--random-output-len", "4", "--ignore-eos", "--disable-tqdm", "--result-file", str(result)])
+    assert rc == 0
+    out = json.loads(result.read_text())
+    assert out["completed"] == 4 and out["model_id"] == MODEL
+    assert all(r["output_tokens"] == 4 for r in out["requests"])
