@@ -17,9 +17,12 @@ The queue caps (--max-queued-requests, --max-queued-tokens) hold under every pol
 The TTFT prediction replays the engine's scheduler on plain numbers, as a fluid: each step
 gives the running sequences one decode token each and the rest of the token budget to the
 prompts ahead, in queue order; a prompt waits for a free sequence slot first. Each running
-sequence is assumed to run to its max_tokens (a pessimistic bound: EOS may come first). The
-replay moves from event to event (a prompt done, a sequence done), not step by step, so a
-decision costs O((pending + running) log running).
+sequence is assumed to run to its max_tokens (a pessimistic bound: EOS may come first). A busy
+engine is in the middle of a step, which a new prompt cannot join: the replay starts with the
+rest of that step, holding the decodes and the prompts that had arrived when it began (the
+front end knows when it began from the worker's one message per step). The replay moves from
+event to event (a prompt done, a sequence done), not step by step, so a decision costs
+O((pending + running) log running). Step times come from `StepCostModel`.
 """
 
 from __future__ import annotations
