@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from kunlite.config import ConfigError, EngineConfig
+from kunlite.engine.cpu_tuning import keep_freed_memory
 from kunlite.engine.messages import EngineRequest, EngineStats, RequestOutput, StepTiming
 from kunlite.engine.preemption import make_policy
 from kunlite.engine.runner import ModelRunner, StepInputs
@@ -51,6 +52,8 @@ def stop_reason(seq: Sequence, eos: frozenset[int], max_model_len: int) -> str |
 class EngineCore:
     def __init__(self, config: EngineConfig, *, priority_order: bool = False) -> None:
         self.config = config
+        if not config.device.is_cuda:
+            keep_freed_memory()
         if config.device.threads:
             torch.set_num_threads(config.device.threads)
         torch.manual_seed(config.seed)

