@@ -7,7 +7,7 @@ import random
 import pytest
 
 from kunlite.engine.messages import StepTiming
-from kunlite.server.admission import AdmissionConfig, AdmissionPolicy, InFlight, Ledger
+from kunlite.server.admission import AdmissionConfig, AdmissionPolicy, InFlight, Ledger, TtftCalibration
 from kunlite.server.cost_model import StepCostModel
 
 
@@ -195,6 +195,39 @@ def test_tpot_slo_rejects_a_request_that_would_slow_the_batch() -> None:
     assert not d.admit and d.reason == "slo_tpot"
     assert d.retry_after == pytest.approx(10 * 0.050)  # until the shortest one is done
     assert p.decide(InFlight(10, 1, 8), ledger_with(running(30), running(10))).admit
+
+
+def test_calibration_is_an_upper_quantile_of_recent_misses_and_never_below_one() -> None:
+    cal = TtftCalibration(min_predicted_s=0.5, window=10, quantile=0.9)
+    assert cal.factor == 1.0
+    for _ in range(10):
+        cal.observe(1.0, 0.8)  # predictions that were pessimistic do not scale anything down
+    assert cal.factor == 1.0
+    cal.observe(0.1, 5.0)  # too short a prediction to say anything about the SLO
+    assert cal.factor == 1.0
+    for measured in (1.2, 1.5, 1.3):
+        cal.observe(1.0, measured)
+    assert cal.factor == pytest.approx(1.3)  # 10 latest: seven 0.8, then 1.2, 1.5, 1.3 -> 90% quantile
+    for _ in range(10):
+        cal.observe(1.0, 1.0)
+    assert cal.factor == 1.0  # the window forgets
+    cal.observe(1.0, 100.0)
+    assert cal.ratios[-1] == cal.max_factor
+
+
+def test_a_request_the_replay_puts_just_under_the_slo_is_rejected_once_predictions_ran_short() -> None:
+    p = policy(slo_ttft_s=0.5)
+    busy = ledger_with(*[InFlight(100, 1, 8, arrival=i) for i in range(3)])
+    new = InFlight(50, 1, 8, arrival=9)
+    d = p.decide(new, busy, now=9.0)
+    assert d.admit and 0.25 < d.raw_ttft < 0.5 and d.predicted_ttft == pytest.approx(d.raw_ttft)
+    for _ in range(5):
+        p.calibration.observe(0.4, 0.6)  # recent requests took 1.5x their prediction (or were shed)
+    d2 = p.decide(new, busy, now=9.0)
+    assert not d2.admit and d2.reason == "slo_ttft"
+    assert d2.raw_ttft == pytest.approx(d.raw_ttft) and d2.predicted_ttft == pytest.approx(1.5 * d.raw_ttft)
+    # time already spent since arrival (tokenizing) counts against the SLO too
+    assert p.decide(new, busy, now=9.1).raw_ttft == pytest.approx(d.raw_ttft + 0.1)
 
 
 def test_deadlines_under_slo_policies() -> None:

@@ -23,12 +23,18 @@ rest of that step, holding the decodes and the prompts that had arrived when it 
 front end knows when it began from the worker's one message per step). The replay moves from
 event to event (a prompt done, a sequence done), not step by step, so a decision costs
 O((pending + running) log running). Step times come from `StepCostModel`.
+
+What the replay leaves out (HTTP and IPC, tokenization, a step slower than any the cost model
+has seen) is caught by `TtftCalibration`: it scales the prediction by how far measured TTFTs
+ran past their predictions lately, so a request near the SLO is rejected at once with a 429
+rather than admitted and then shed at its deadline.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+from collections import deque
 from dataclasses import dataclass, field, replace
 
 from kunlite.server.cost_model import StepCostModel
@@ -64,6 +70,7 @@ class InFlight:
     generated: int = 0  # tokens per choice so far (the most of any choice)
     live_seqs: int = 0  # choices still running, once started
     choice_tokens: list[int] = field(default_factory=list)  # tokens of each choice, once started
+    predicted_ttft: float | None = None  # seconds from arrival, the replay's (uncalibrated)
 
     @property
     def remaining(self) -> int:
@@ -113,10 +120,43 @@ class Ledger:
 @dataclass(frozen=True)
 class Decision:
     admit: bool
-    predicted_ttft: float  # seconds
+    predicted_ttft: float  # seconds from arrival, calibrated: what the SLO is checked against
     reason: str | None = None  # slo_ttft | slo_tpot | queue_requests | queue_tokens
     message: str = ""
     retry_after: float | None = None  # seconds
+    raw_ttft: float = 0.0  # seconds from arrival, the replay's alone: what calibration compares
+
+
+@dataclass
+class TtftCalibration:
+    """Measured TTFT over predicted TTFT (both from arrival), for the latest requests.
+
+    `factor` is a high quantile of those ratios, never below 1: a prediction multiplied by it
+    is one that recent requests met `quantile` of the time. Only predictions of at least
+    `min_predicted_s` count, since a request far below the SLO cannot miss it and its ratio is
+    mostly fixed overhead. A request shed at its deadline counts with its waiting time, a lower
+    bound of its TTFT, which is the conservative side."""
+
+    min_predicted_s: float = 0.0
+    window: int = 64
+    quantile: float = 0.9
+    max_factor: float = 4.0
+    ratios: deque[float] = field(default_factory=deque)
+
+    def observe(self, predicted_s: float, measured_s: float) -> None:
+        if predicted_s < max(self.min_predicted_s, 1e-3) or not measured_s >= 0.0:
+            return
+        self.ratios.append(min(measured_s / predicted_s, self.max_factor))
+        while len(self.ratios) > self.window:
+            self.ratios.popleft()
+
+    @property
+    def factor(self) -> float:
+        if not self.ratios:
+            return 1.0
+        ordered = sorted(self.ratios)
+        k = max(math.ceil(self.quantile * len(ordered)) - 1, 0)  # nearest-rank quantile
+        return max(ordered[k], 1.0)
 
 
 class _Replay:
@@ -217,9 +257,12 @@ class _Replay:
 
 
 class AdmissionPolicy:
-    def __init__(self, cfg: AdmissionConfig, model: StepCostModel | None = None) -> None:
+    def __init__(self, cfg: AdmissionConfig, model: StepCostModel | None = None,
+                 calibration: TtftCalibration | None = None) -> None:
         self.cfg = cfg
         self.model = model or StepCostModel()
+        # Ratios from predictions under a quarter of the SLO say little about meeting it.
+        self.calibration = calibration or TtftCalibration(min_predicted_s=0.25 * (cfg.slo_ttft_s or 0.0))
 
     def ahead_of(self, new: InFlight, pending: list[InFlight]) -> list[InFlight]:
         """The pending requests the engine will serve before `new`, in that order."""
@@ -250,7 +293,12 @@ class AdmissionPolicy:
     def decide(self, new: InFlight, ledger: Ledger, now: float = 0.0, step_start: float | None = None) -> Decision:
         cfg = self.cfg
         running, pending = ledger.running(), ledger.pending()
-        ttft = self.predict_ttft(new, running, pending, now, step_start)
+        # From the request's arrival (tokenizing it took some of its budget), calibrated.
+        raw = max(now - new.arrival, 0.0) + self.predict_ttft(new, running, pending, now, step_start)
+        return replace(self._judge(new, running, pending, raw * self.calibration.factor), raw_ttft=raw)
+
+    def _judge(self, new: InFlight, running: list[InFlight], pending: list[InFlight], ttft: float) -> Decision:
+        cfg = self.cfg
         if cfg.max_queued_requests is not None and len(pending) + 1 > cfg.max_queued_requests:
             return Decision(False, ttft, "queue_requests",
                             f"the server is overloaded: {len(pending)} requests are queued "

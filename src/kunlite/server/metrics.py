@@ -38,6 +38,9 @@ class ServerMetrics:
         self._running = Gauge("kunlite:num_requests_running", "Sequences running in the engine.", m, registry=r)
         self._waiting = Gauge("kunlite:num_requests_waiting", "Sequences waiting in the engine.", m, registry=r)
         self._kv = Gauge("kunlite:kv_cache_usage_perc", "KV cache usage (1 = full).", m, registry=r)
+        self._calibration = Gauge("kunlite:ttft_calibration_factor",
+                                  "Factor admission scales its TTFT predictions by (recent measured / predicted).",
+                                  m, registry=r)
         self._preemptions = Counter("kunlite:num_preemptions", "Preemptions by the engine.", m, registry=r)
         self._prompt = Counter("kunlite:prompt_tokens", "Prompt tokens of started requests (prefix-cache hits too).",
                                m, registry=r)
@@ -54,6 +57,8 @@ class ServerMetrics:
         self.running = self._running.labels(model_name)
         self.waiting = self._waiting.labels(model_name)
         self.kv_usage = self._kv.labels(model_name)
+        self.ttft_calibration = self._calibration.labels(model_name)
+        self.ttft_calibration.set(1.0)
         self.preemptions = self._preemptions.labels(model_name)
         self._prompt_tokens = self._prompt.labels(model_name)
         self._generation_tokens = self._generation.labels(model_name)

@@ -169,6 +169,9 @@ class Runtime:
             last = self._last_output.get(out.request_id)
             if first:
                 m.ttft.observe(now - req.arrival)
+                if self.policy is not None and req.predicted_ttft is not None:
+                    self.policy.calibration.observe(req.predicted_ttft, now - req.arrival)
+                    m.ttft_calibration.set(self.policy.calibration.factor)
                 m.add_tokens(prompt=req.prompt_tokens)
                 self._last_output[out.request_id] = [now] * req.n
             elif last is not None and 0 <= out.index < len(last) and out.new_token_ids:
