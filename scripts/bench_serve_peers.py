@@ -97,7 +97,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-python", required=True, help="python of a venv with llama-cpp-python[server]")
     ap.add_argument("--gguf", type=Path, default=None)
-    ap.add_argument("--kunlite-args", default="--dtype bfloat16 --threads 2", help="extra `kunlite serve` flags")
+    ap.add_argument("--kunlite-args", default="--threads 2", help="extra `kunlite serve` flags (dtype: the default, auto)")
     ap.add_argument("--input-len", type=int, default=200)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--num-prompts", type=int, default=16)

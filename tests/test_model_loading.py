@@ -63,6 +63,20 @@ def test_missing_unexpected_and_unsupported_are_named(tiny_root: Path, tmp_path:
         config(bad)
 
 
+def test_a_sliding_window_caps_the_model_length(tiny_root: Path, tmp_path: Path) -> None:
+    """Full attention equals sliding-window attention only within the window."""
+    windowed = tmp_path / "windowed"
+    shutil.copytree(make_tiny_model(tiny_root, "llama-gqa-tied"), windowed)
+    cfg = json.loads((windowed / "config.json").read_text())
+    cfg.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=40)
+    (windowed / "config.json").write_text(json.dumps(cfg))
+    assert cfg["max_position_embeddings"] > 40
+    assert config(windowed).max_model_len == 40
+    assert config(windowed, max_model_len=32).max_model_len == 32
+    with pytest.raises(ConfigError, match="sliding window 40"):
+        config(windowed, max_model_len=41)
+
+
 @pytest.mark.parametrize("split", [1, 2])
 def test_two_layer_ranges_chained_equal_the_whole_model(tiny_root: Path, split: int) -> None:
     path = make_tiny_model(tiny_root, "llama-mha-untied")

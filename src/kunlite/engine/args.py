@@ -4,10 +4,13 @@ keyword API (the offline LLM), both ending in a frozen EngineConfig."""
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import dataclass, fields
 
 from kunlite.config import (CacheConfig, ConfigError, DeviceConfig, EngineConfig, ModelConfig,
                             SchedulerConfig, parse_size)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,16 @@ class EngineOptions:
         if self.max_model_len and self.max_model_len > model.max_position_embeddings:
             raise ConfigError(f"--max-model-len {self.max_model_len} exceeds the model's "
                               f"max_position_embeddings {model.max_position_embeddings}")
+        window = model.sliding_window
+        if window is not None and max_len > window:
+            # Attention here is full attention, which equals sliding-window attention while a
+            # sequence fits the window: so sequences are kept within it (older vLLM did the same).
+            if self.max_model_len:
+                raise ConfigError(f"--max-model-len {self.max_model_len} exceeds the model's sliding window "
+                                  f"{window}, which kunlite does not implement; use at most {window}")
+            log.warning("max model len capped to the model's sliding window, %d tokens (sliding-window "
+                        "attention is not implemented)", window)
+            max_len = window
         if self.layer_range is not None:
             l0, l1 = self.layer_range
             if not 0 <= l0 < l1 <= model.num_layers:
