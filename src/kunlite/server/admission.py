@@ -291,7 +291,6 @@ class AdmissionPolicy:
         return self.model.step_seconds(0, seqs, context)
 
     def decide(self, new: InFlight, ledger: Ledger, now: float = 0.0, step_start: float | None = None) -> Decision:
-        cfg = self.cfg
         running, pending = ledger.running(), ledger.pending()
         # From the request's arrival (tokenizing it took some of its budget), calibrated.
         raw = max(now - new.arrival, 0.0) + self.predict_ttft(new, running, pending, now, step_start)

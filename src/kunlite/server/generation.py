@@ -56,7 +56,6 @@ class Generation:
         self.closed = False
         self._shed = False  # ended by its deadline (counted as rejected, not as a success)
         self._submitted = False
-        self.predicted_ttft = 0.0  # seconds from arrival, admission's uncalibrated prediction
         self._watcher: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ admission
@@ -77,7 +76,6 @@ class Generation:
             rt.metrics.rejected(decision.reason or "overload")
             raise ApiError(429, decision.message, code=decision.reason, retry_after=decision.retry_after)
         self.deadline = rt.policy.deadline(self.arrival)
-        self.predicted_ttft = decision.raw_ttft
         now = time.time()
         for s in self.states:
             rt.ledger.add(s.request_id, InFlight(len(s.prompt_token_ids), self.params.n, max_tokens,
@@ -137,9 +135,8 @@ class Generation:
             return await asyncio.wait_for(self.queue.get(), max(timeout, 0.0))
         except asyncio.TimeoutError:
             waited = time.monotonic() - self.arrival
-            if self.rt.policy is not None:  # its TTFT is at least `waited`: the prediction was short
-                self.rt.policy.calibration.observe(self.predicted_ttft, waited)
-                self.rt.metrics.ttft_calibration.set(self.rt.policy.calibration.factor)
+            for s in self.states:  # its TTFT is at least `waited`: the prediction was short
+                self.rt.calibrate(s.request_id, waited)
             self.rt.metrics.rejected("deadline")
             self._shed = True
             raise ApiError(429, f"the request was shed: it waited {waited * 1e3:.0f} ms without a first token, "

@@ -169,14 +169,21 @@ class Runtime:
             last = self._last_output.get(out.request_id)
             if first:
                 m.ttft.observe(now - req.arrival)
-                if self.policy is not None and req.predicted_ttft is not None:
-                    self.policy.calibration.observe(req.predicted_ttft, now - req.arrival)
-                    m.ttft_calibration.set(self.policy.calibration.factor)
+                self.calibrate(out.request_id, now - req.arrival)
                 m.add_tokens(prompt=req.prompt_tokens)
                 self._last_output[out.request_id] = [now] * req.n
             elif last is not None and 0 <= out.index < len(last) and out.new_token_ids:
                 m.itl.observe(now - last[out.index])
                 last[out.index] = now
+
+    def calibrate(self, request_id: str, ttft: float) -> None:
+        """Tell admission the TTFT (or, for a shed request, a lower bound of it) of a request it
+        admitted with a prediction."""
+        req = self.ledger.requests.get(request_id)
+        if self.policy is None or req is None or req.predicted_ttft is None:
+            return
+        self.policy.calibration.observe(req.predicted_ttft, ttft)
+        self.metrics.ttft_calibration.set(self.policy.calibration.factor)
 
     def forget(self, request_id: str) -> None:
         """The request is over for the front end (finished, aborted, or shed)."""
