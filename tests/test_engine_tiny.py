@@ -62,8 +62,21 @@ def hf_logits(model, ids: list[int]) -> torch.Tensor:  # (len(ids), V)
         return model(torch.tensor([ids])).logits[0].float()
 
 
+@pytest.fixture(params=["cpu_gemv", "torch_products"])
+def products(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both CPU paths of the model's matrix products: the native decode kernels (rows <= 16) and
+    torch's. Without the kernels here, the first case would not be what it says: it fails."""
+    from kunlite.kernels import cpu_gemv
+
+    if request.param == "cpu_gemv":
+        assert cpu_gemv.available(), "the CPU decode kernels did not build here"
+    else:
+        monkeypatch.setattr(cpu_gemv, "available", lambda: False)
+    return request.param
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_matches_hf(tiny_root: Path, variant: str) -> None:
+def test_matches_hf(tiny_root: Path, variant: str, products: str) -> None:
     path = make_tiny_model(tiny_root, variant)
     model = hf_model(path)
     ps = prompts(model.config.vocab_size)

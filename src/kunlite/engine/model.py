@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from kunlite.config import ModelConfig
 from kunlite.engine.memory import DevicePool
+from kunlite.kernels import cpu_gemv
 from kunlite.kernels.backend import AttentionBackend, AttentionMetadata
 
 ParamShapes = dict[str, list[tuple[str, tuple[int, ...]]]]
@@ -93,19 +94,26 @@ class Rope:
 
 
 class Linear:
-    """F.linear, with a CPU path for half-precision weights on processors without bf16 units.
+    """The model's matrix products, with two CPU paths where torch's is slow.
 
-    There, a bf16 matrix-vector product streams the weights well, but a bf16 matrix product
-    runs at a fraction of fp32's rate. So once a batch has `upcast_min_rows` rows, the weight is
-    widened into an fp32 scratch buffer (one per model, sized for the largest matrix, small
-    enough to stay in cache) and multiplied in fp32. Inputs and outputs keep the model dtype.
+    - fp32 weights, up to `native_max_rows` rows (decode): `kernels.cpu_gemv`, which streams the
+      weights at about twice the rate of torch's (MKL) matrix-vector product on AMD CPUs, and
+      fuses the RMS norm before a projection and the SiLU-GLU before the down projection.
+    - half-precision weights on processors without bf16 units: a bf16 matrix-vector product
+      streams the weights well, but a bf16 matrix product runs at a fraction of fp32's rate. So
+      once a batch has `upcast_min_rows` rows, the weight is widened into an fp32 scratch buffer
+      (one per model, sized for the largest matrix, small enough to stay in cache) and multiplied
+      in fp32. Inputs and outputs keep the model dtype.
+    Every path computes the same function; only the rounding differs.
     """
 
-    def __init__(self, max_numel: int, device: torch.device, dtype: torch.dtype, upcast_min_rows: int) -> None:
+    def __init__(self, max_numel: int, device: torch.device, dtype: torch.dtype, upcast_min_rows: int,
+                 native_max_rows: int = 16) -> None:
         self.cpu = device.type == "cpu"
         self.upcast = self.cpu and dtype in (torch.bfloat16, torch.float16) and upcast_min_rows > 0
         self.min_rows = upcast_min_rows
         self.scratch = torch.empty(max_numel if self.upcast else 0, dtype=torch.float32)  # (max_numel,)
+        self.native_max_rows = native_max_rows if self.cpu and dtype == torch.float32 and cpu_gemv.available() else 0
 
     def wide(self, x: torch.Tensor, w: torch.Tensor, *, chunk_rows: int = 4096) -> torch.Tensor:
         """x @ w.T for a tall w (the LM head: V rows): on CPU, in row chunks, each fits in cache
@@ -124,17 +132,35 @@ class Linear:
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         # x: (M, K), w: (N, K) -> (M, N)
+        if x.shape[0] <= self.native_max_rows:
+            return cpu_gemv.linear(x, w, bias=b)
         if not self.upcast or x.shape[0] < self.min_rows:
             return F.linear(x, w, b)
         wf = self.scratch[: w.numel()].view(w.shape).copy_(w)  # (N, K) fp32
         return F.linear(x.float(), wf, None if b is None else b.float()).to(x.dtype)
 
+    def normed(self, x: torch.Tensor, norm: torch.Tensor, eps: float, w: torch.Tensor,
+               b: torch.Tensor | None = None) -> torch.Tensor:
+        """rms_norm(x) @ w.T (+ b). x: (M, K), norm: (K,), w: (N, K) -> (M, N)"""
+        if x.shape[0] <= self.native_max_rows:
+            return cpu_gemv.linear(x, w, bias=b, norm=norm, eps=eps)
+        return self(F.rms_norm(x, (x.shape[1],), norm, eps), w, b)
+
     def residual(self, r: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """r + x @ w.T in one product (BLAS beta = 1). r: (M, N), x: (M, K), w: (N, K)."""
+        if x.shape[0] <= self.native_max_rows:
+            return cpu_gemv.linear(x, w, residual=r)
         if not self.upcast or x.shape[0] < self.min_rows:
             return torch.addmm(r, x, w.t())
         wf = self.scratch[: w.numel()].view(w.shape).copy_(w)  # (N, K) fp32
         return torch.addmm(r.float(), x.float(), wf.t()).to(r.dtype)
+
+    def glu_residual(self, r: torch.Tensor, gate_up: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """r + (silu(gate) * up) @ w.T. r: (M, N), gate_up: (M, 2K) [gate | up], w: (N, K)."""
+        if gate_up.shape[0] <= self.native_max_rows:
+            return cpu_gemv.linear(gate_up, w, residual=r, glu=True)
+        gate, up = gate_up.chunk(2, dim=-1)  # (M, K) each
+        return self.residual(r, F.silu(gate) * up, w)
 
 
 class DecoderLayer:
@@ -167,17 +193,15 @@ class DecoderLayer:
     ) -> torch.Tensor:  # (T, h)
         cfg, linear = self.cfg, self.linear
         T = x.shape[0]
-        h = F.rms_norm(x, (cfg.hidden_size,), self.in_norm, self.eps)  # (T, h)
-        qkv = linear(h, self.w_qkv, self.b_qkv)  # (T, q + 2kv)
+        qkv = linear.normed(x, self.in_norm, self.eps, self.w_qkv, self.b_qkv)  # (T, q + 2kv)
         qk = self.rope.apply(qkv[:, : self.qk].view(T, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim), *rope)
         q = qk[:, : cfg.num_heads]  # (T, H_q, d)
         k = qk[:, cfg.num_heads :]  # (T, H_kv, d)
         v = qkv[:, self.qk :].view(T, cfg.num_kv_heads, cfg.head_dim)  # (T, H_kv, d)
         o = self.backend.forward(q, k, v, kv_cache, self.local_index, meta)  # (T, H_q, d)
         x = linear.residual(x, o.reshape(T, cfg.q_size), self.w_o)  # (T, h)
-        h = F.rms_norm(x, (cfg.hidden_size,), self.post_norm, self.eps)  # (T, h)
-        gate, up = linear(h, self.w_gate_up).chunk(2, dim=-1)  # (T, I) each
-        return linear.residual(x, F.silu(gate) * up, self.w_down)  # (T, h)
+        gate_up = linear.normed(x, self.post_norm, self.eps, self.w_gate_up)  # (T, 2I)
+        return linear.glu_residual(x, gate_up, self.w_down)  # (T, h)
 
 
 class CausalLM:
@@ -224,5 +248,7 @@ class CausalLM:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (R, h) rows to sample -> (R, V) float32 logits."""
+        if hidden.shape[0] <= self.linear.native_max_rows:
+            return self.linear.normed(hidden, self.norm, self.cfg.rms_norm_eps, self.lm_head)  # (R, V)
         h = F.rms_norm(hidden, (self.cfg.hidden_size,), self.norm, self.cfg.rms_norm_eps)  # (R, h)
         return self.linear.wide(h, self.lm_head).float()  # (R, V)

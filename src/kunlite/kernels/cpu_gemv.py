@@ -1,0 +1,138 @@
+"""Small-batch fp32 matrix products on CPU, from `cpu_gemv.c`, built on first use.
+
+The C file is compiled with the system C compiler (`$CC`, else `cc`) into
+`$KUNLITE_HOME/build/` the first time it is needed (about a second), named by a hash of the
+source and flags so that an edit rebuilds it; the build is written to a temporary name and
+renamed, so a crash never leaves a half-written library. Without a compiler, off x86-64, on a
+CPU without AVX2/FMA, or with `KUNLITE_CPU_GEMV=0`, `available()` is False and callers keep
+torch's path.
+
+`linear` is the only entry point: Y = act(X) @ W.T (+ bias) (+ residual), act one of
+none, rms_norm (weight `norm`, `eps`) and SiLU-GLU (X holds [gate | up]).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ENV = "KUNLITE_CPU_GEMV"
+SOURCE = Path(__file__).with_name("cpu_gemv.c")
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+ACT_NONE, ACT_RMS_NORM, ACT_SILU_GLU = 0, 1, 2
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _supported() -> bool:
+    if os.environ.get(ENV, "1") == "0":
+        return False
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def build(build_dir: Path | None = None) -> Path:
+    """Compile the library (if this source and these flags have not been built yet) and return
+    its path. Raises RuntimeError naming the compiler's complaint."""
+    if build_dir is None:
+        from kunlite.engine.pull import kunlite_home
+
+        build_dir = kunlite_home() / "build"
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (set CC, or install gcc)")
+    source = SOURCE.read_bytes()
+    digest = hashlib.blake2b(source + " ".join((cc, *CFLAGS)).encode(), digest_size=8).hexdigest()
+    target = build_dir / f"cpu_gemv-{digest}.so"
+    if target.exists():
+        return target
+    build_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=build_dir)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if not _supported():
+        return None
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (RuntimeError, OSError) as e:
+        log.warning("CPU decode kernels unavailable, using torch's products: %s", e)
+        return None
+    fn = lib.kl_gemv_f32
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_float, ctypes.c_int] + [ctypes.c_long] * 6
+    fn.restype = ctypes.c_int
+    _lib = lib
+    return lib
+
+
+def available() -> bool:
+    """Whether `linear` can run here (builds the library on the first call)."""
+    return _load() is not None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def linear(
+    x: torch.Tensor,  # (M, K), or (M, 2K) [gate | up] with glu
+    w: torch.Tensor,  # (N, K) fp32, contiguous
+    *,
+    bias: torch.Tensor | None = None,  # (N,)
+    residual: torch.Tensor | None = None,  # (M, N), added to the product
+    norm: torch.Tensor | None = None,  # (K,): RMS-normalise each x row with this weight first
+    eps: float = 0.0,
+    glu: bool = False,  # x rows are [gate | up]; the product's input is silu(gate) * up
+) -> torch.Tensor:  # (M, N) fp32
+    lib = _load()
+    if lib is None:
+        raise RuntimeError("the CPU decode kernels are not available here; check available() first")
+    N, K = w.shape
+    M = x.shape[0]
+    assert not (glu and norm is not None), "one activation at a time"
+    assert x.dtype == w.dtype == torch.float32, f"fp32 only, got x {x.dtype}, w {w.dtype}"
+    assert x.device.type == w.device.type == "cpu"
+    assert w.is_contiguous(), "W rows must be dense"
+    assert x.dim() == 2 and x.shape[1] == (2 * K if glu else K), f"x {tuple(x.shape)} does not fit W {(N, K)}"
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    for t, shape in ((bias, (N,)), (norm, (K,))):
+        assert t is None or (t.shape == shape and t.dtype == torch.float32 and t.is_contiguous())
+    if residual is not None:
+        assert residual.shape == (M, N) and residual.dtype == torch.float32
+        if residual.stride(1) != 1:
+            residual = residual.contiguous()
+    y = torch.empty(M, N, dtype=torch.float32)  # (M, N)
+    act = ACT_SILU_GLU if glu else ACT_RMS_NORM if norm is not None else ACT_NONE
+    rc = lib.kl_gemv_f32(w.data_ptr(), x.data_ptr(), y.data_ptr(), _ptr(bias), _ptr(residual), _ptr(norm),
+                         float(eps), act, M, N, K, x.stride(0), N, 0 if residual is None else residual.stride(0))
+    if rc != 0:
+        raise MemoryError("CPU decode kernel: no memory for the activation buffer")
+    return y

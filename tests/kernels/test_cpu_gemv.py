@@ -1,0 +1,93 @@
+"""The CPU decode products (kernels/cpu_gemv.c) against an fp64 torch reference.
+
+Awkward shapes on purpose: N not a multiple of the 4-row block, K not a multiple of the 8-lane
+vector (the scalar tail), inputs and residuals that are row views of wider tensors (the fused
+qkv output), each activation, with and without bias and residual.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kunlite.kernels import cpu_gemv
+
+pytestmark = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64")
+                                or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+                                reason="the kernels need x86-64 with AVX2/FMA")
+
+
+def test_the_kernels_build_here() -> None:
+    assert cpu_gemv.available()
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, bias, residual, norm, eps: float, glu: bool) -> torch.Tensor:
+    x, w = x.double(), w.double()
+    if norm is not None:
+        x = F.rms_norm(x, (x.shape[1],), norm.double(), eps)
+    if glu:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    y = x @ w.T
+    if bias is not None:
+        y = y + bias.double()
+    if residual is not None:
+        y = y + residual.double()
+    return y
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    m=st.integers(1, 20),
+    n=st.integers(1, 70),
+    k=st.integers(1, 100),
+    act=st.sampled_from(["none", "rms_norm", "silu_glu"]),
+    with_bias=st.booleans(),
+    with_residual=st.booleans(),
+    pad=st.integers(0, 5),  # x and the residual are column slices of wider rows
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_matches_fp64_reference(m: int, n: int, k: int, act: str, with_bias: bool, with_residual: bool,
+                                pad: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    width = 2 * k if act == "silu_glu" else k
+    x = torch.randn(m, width + pad, generator=g)[:, pad:]  # (M, width), row stride width + pad
+    w = torch.randn(n, k, generator=g)  # (N, K)
+    bias = torch.randn(n, generator=g) if with_bias else None  # (N,)
+    residual = torch.randn(m, n + pad, generator=g)[:, :n] if with_residual else None  # (M, N) strided
+    norm = torch.randn(k, generator=g) if act == "rms_norm" else None  # (K,)
+    eps = 1e-5
+    x_before = x.clone()
+    y = cpu_gemv.linear(x, w, bias=bias, residual=residual, norm=norm, eps=eps, glu=act == "silu_glu")
+    want = reference(x, w, bias, residual, norm, eps, act == "silu_glu")
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    # fp32 accumulation of K products of N(0,1) numbers: error grows like sqrt(K) * 2^-24 * |terms|
+    torch.testing.assert_close(y.double(), want, atol=1e-4 * max(1.0, k ** 0.5), rtol=1e-4)
+    torch.testing.assert_close(x, x_before, atol=0, rtol=0)  # inputs are read, never written
+
+
+def test_rejects_what_it_cannot_compute() -> None:
+    w = torch.randn(8, 16)
+    with pytest.raises(AssertionError, match="fp32"):
+        cpu_gemv.linear(torch.randn(2, 16, dtype=torch.bfloat16), w)
+    with pytest.raises(AssertionError, match="does not fit"):
+        cpu_gemv.linear(torch.randn(2, 15), w)
+    with pytest.raises(AssertionError, match="dense"):
+        cpu_gemv.linear(torch.randn(2, 16), torch.randn(16, 8).T)
+
+
+def test_an_edit_to_the_source_rebuilds(tmp_path, monkeypatch) -> None:
+    """The library is named by a hash of source and flags: a new source gets a new file."""
+    first = cpu_gemv.build(tmp_path)
+    assert first.exists() and cpu_gemv.build(tmp_path) == first  # built once
+    edited = tmp_path / "edited.c"
+    edited.write_text(cpu_gemv.SOURCE.read_text() + "\n/* edited */\n")
+    monkeypatch.setattr(cpu_gemv, "SOURCE", edited)
+    second = cpu_gemv.build(tmp_path)
+    assert second != first and second.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("tmp")]  # no half-written files
