@@ -64,7 +64,7 @@ def hf_logits(model, ids: list[int]) -> torch.Tensor:  # (len(ids), V)
 
 @pytest.fixture(params=["cpu_gemv", "torch_products"])
 def products(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both CPU paths of the model's matrix products: the native decode kernels (rows <= 16) and
+    """Both CPU paths of the model's matrix products: the native decode kernels (rows <= 32) and
     torch's. Without the kernels here, the first case would not be what it says: it fails."""
     from kunlite.kernels import cpu_gemv
 

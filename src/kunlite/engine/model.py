@@ -108,7 +108,7 @@ class Linear:
     """
 
     def __init__(self, max_numel: int, device: torch.device, dtype: torch.dtype, upcast_min_rows: int,
-                 native_max_rows: int = 16) -> None:
+                 native_max_rows: int = 32) -> None:
         self.cpu = device.type == "cpu"
         self.upcast = self.cpu and dtype in (torch.bfloat16, torch.float16) and upcast_min_rows > 0
         self.min_rows = upcast_min_rows

@@ -49,9 +49,38 @@ static void activate(const float *X, float *A, const float *g, float eps, int ac
     }
 }
 
+/* Dot products of 4 W rows with `mr` x rows (the accumulators stay in registers: 4 * mr <= 12),
+ * epilogue included. Inlined with a constant mr, so the loops unroll. */
+static inline __attribute__((always_inline)) void tile(const float *const w[4], long nn, const float *X, long ldx,
+                                                      long m0, int mr, long n0, long K, float *Y, long ldy,
+                                                      const float *bias, const float *R, long ldr) {
+    __m256 acc[4][3];
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < mr; j++) acc[i][j] = _mm256_setzero_ps();
+    long k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 xv[3];
+        for (int j = 0; j < mr; j++) xv[j] = _mm256_loadu_ps(X + (m0 + j) * ldx + k);
+        for (int i = 0; i < 4; i++) {
+            __m256 wv = _mm256_loadu_ps(w[i] + k);
+            for (int j = 0; j < mr; j++) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);
+        }
+    }
+    for (int j = 0; j < mr; j++) {
+        const float *x = X + (m0 + j) * ldx;
+        for (long i = 0; i < nn; i++) {
+            float v = hsum(acc[i][j]);
+            for (long kk = k; kk < K; kk++) v += w[i][kk] * x[kk];
+            if (bias) v += bias[n0 + i];
+            if (R) v += R[(m0 + j) * ldr + n0 + i];
+            Y[(m0 + j) * ldy + n0 + i] = v;
+        }
+    }
+}
+
 /* Returns 0, or -1 when the (M, K) activation buffer cannot be allocated. */
 int kl_gemv_f32(const float *W, const float *X, float *Y, const float *bias, const float *R,
-                 const float *g, float eps, int act, long M, long N, long K, long ldx, long ldy, long ldr) {
+                const float *g, float eps, int act, long M, long N, long K, long ldx, long ldy, long ldr) {
     float *A = NULL;
     if (act != ACT_NONE) {
         A = aligned_alloc(32, ((M * K * sizeof(float)) + 31) / 32 * 32);
@@ -64,34 +93,13 @@ int kl_gemv_f32(const float *W, const float *X, float *Y, const float *bias, con
 #pragma omp parallel for schedule(static)
     for (long blk = 0; blk < blocks; blk++) {
         long n0 = blk * 4, nn = N - n0 < 4 ? N - n0 : 4;
-        /* a short last block repeats row n0 so the loop stays branch-free; extra sums are dropped */
-        const float *w0 = W + n0 * K, *w1 = w0 + (nn > 1 ? K : 0), *w2 = w0 + (nn > 2 ? 2 * K : 0),
-                    *w3 = w0 + (nn > 3 ? 3 * K : 0);
-        for (long m = 0; m < M; m++) {
-            const float *x = X + m * ldx;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            long k = 0;
-            for (; k + 8 <= K; k += 8) {
-                __m256 xv = _mm256_loadu_ps(x + k);
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), xv, a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k), xv, a1);
-                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k), xv, a2);
-                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k), xv, a3);
-            }
-            float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
-            for (; k < K; k++) {
-                s[0] += w0[k] * x[k];
-                s[1] += w1[k] * x[k];
-                s[2] += w2[k] * x[k];
-                s[3] += w3[k] * x[k];
-            }
-            for (long i = 0; i < nn; i++) {
-                float v = s[i];
-                if (bias) v += bias[n0 + i];
-                if (R) v += R[m * ldr + n0 + i];
-                Y[m * ldy + n0 + i] = v;
-            }
-        }
+        /* a short last block repeats row n0, so the tile stays branch-free; its extra sums are dropped */
+        const float *w[4] = {W + n0 * K, W + n0 * K + (nn > 1 ? K : 0), W + n0 * K + (nn > 2 ? 2 * K : 0),
+                             W + n0 * K + (nn > 3 ? 3 * K : 0)};
+        /* The 4 rows are read from memory once and stay in L1 for every group of x rows. */
+        long m = 0;
+        for (; m + 3 <= M; m += 3) tile(w, nn, X, ldx, m, 3, n0, K, Y, ldy, bias, R, ldr);
+        for (; m < M; m++) tile(w, nn, X, ldx, m, 1, n0, K, Y, ldy, bias, R, ldr);
     }
     free(A);
     return 0;
