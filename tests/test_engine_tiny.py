@@ -62,16 +62,16 @@ def hf_logits(model, ids: list[int]) -> torch.Tensor:  # (len(ids), V)
         return model(torch.tensor([ids])).logits[0].float()
 
 
-@pytest.fixture(params=["cpu_gemv", "torch_products"])
+@pytest.fixture(params=["cpu_decode", "torch_products"])
 def products(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Both CPU paths of the model's matrix products: the native decode kernels (rows <= 32) and
     torch's. Without the kernels here, the first case would not be what it says: it fails."""
-    from kunlite.kernels import cpu_gemv
+    from kunlite.kernels import cpu_decode
 
-    if request.param == "cpu_gemv":
-        assert cpu_gemv.available(), "the CPU decode kernels did not build here"
+    if request.param == "cpu_decode":
+        assert cpu_decode.available(), "the CPU decode kernels did not build here"
     else:
-        monkeypatch.setattr(cpu_gemv, "available", lambda: False)
+        monkeypatch.setattr(cpu_decode, "available", lambda: False)
     return request.param
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from kunlite.config import ModelConfig
 from kunlite.engine.memory import DevicePool
-from kunlite.kernels import cpu_gemv
+from kunlite.kernels import cpu_decode
 from kunlite.kernels.backend import AttentionBackend, AttentionMetadata
 
 ParamShapes = dict[str, list[tuple[str, tuple[int, ...]]]]
@@ -96,7 +96,7 @@ class Rope:
 class Linear:
     """The model's matrix products, with two CPU paths where torch's is slow.
 
-    - fp32 weights, up to `native_max_rows` rows (decode): `kernels.cpu_gemv`, which streams the
+    - fp32 weights, up to `native_max_rows` rows (decode): `kernels.cpu_decode`, which streams the
       weights at about twice the rate of torch's (MKL) matrix-vector product on AMD CPUs, and
       fuses the RMS norm before a projection and the SiLU-GLU before the down projection.
     - half-precision weights on processors without bf16 units: a bf16 matrix-vector product
@@ -113,7 +113,7 @@ class Linear:
         self.upcast = self.cpu and dtype in (torch.bfloat16, torch.float16) and upcast_min_rows > 0
         self.min_rows = upcast_min_rows
         self.scratch = torch.empty(max_numel if self.upcast else 0, dtype=torch.float32)  # (max_numel,)
-        self.native_max_rows = native_max_rows if self.cpu and dtype == torch.float32 and cpu_gemv.available() else 0
+        self.native_max_rows = native_max_rows if self.cpu and dtype == torch.float32 and cpu_decode.available() else 0
 
     def wide(self, x: torch.Tensor, w: torch.Tensor, *, chunk_rows: int = 4096) -> torch.Tensor:
         """x @ w.T for a tall w (the LM head: V rows): on CPU, in row chunks, each fits in cache
@@ -133,7 +133,7 @@ class Linear:
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         # x: (M, K), w: (N, K) -> (M, N)
         if x.shape[0] <= self.native_max_rows:
-            return cpu_gemv.linear(x, w, bias=b)
+            return cpu_decode.linear(x, w, bias=b)
         if not self.upcast or x.shape[0] < self.min_rows:
             return F.linear(x, w, b)
         wf = self.scratch[: w.numel()].view(w.shape).copy_(w)  # (N, K) fp32
@@ -143,13 +143,13 @@ class Linear:
                b: torch.Tensor | None = None) -> torch.Tensor:
         """rms_norm(x) @ w.T (+ b). x: (M, K), norm: (K,), w: (N, K) -> (M, N)"""
         if x.shape[0] <= self.native_max_rows:
-            return cpu_gemv.linear(x, w, bias=b, norm=norm, eps=eps)
+            return cpu_decode.linear(x, w, bias=b, norm=norm, eps=eps)
         return self(F.rms_norm(x, (x.shape[1],), norm, eps), w, b)
 
     def residual(self, r: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """r + x @ w.T in one product (BLAS beta = 1). r: (M, N), x: (M, K), w: (N, K)."""
         if x.shape[0] <= self.native_max_rows:
-            return cpu_gemv.linear(x, w, residual=r)
+            return cpu_decode.linear(x, w, residual=r)
         if not self.upcast or x.shape[0] < self.min_rows:
             return torch.addmm(r, x, w.t())
         wf = self.scratch[: w.numel()].view(w.shape).copy_(w)  # (N, K) fp32
@@ -158,7 +158,7 @@ class Linear:
     def glu_residual(self, r: torch.Tensor, gate_up: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """r + (silu(gate) * up) @ w.T. r: (M, N), gate_up: (M, 2K) [gate | up], w: (N, K)."""
         if gate_up.shape[0] <= self.native_max_rows:
-            return cpu_gemv.linear(gate_up, w, residual=r, glu=True)
+            return cpu_decode.linear(gate_up, w, residual=r, glu=True)
         gate, up = gate_up.chunk(2, dim=-1)  # (M, K) each
         return self.residual(r, F.silu(gate) * up, w)
 

@@ -9,15 +9,20 @@ Token rows. A contiguous pool (P, 2, ps, H_kv, d) is also the table `rows` (P * 
 of single-token K or V entries: the key of position s in page p is row p * 2ps + s % ps, its
 value row that + ps. Writing and gathering by row numbers makes each a single index op, and the
 row numbers of every layer are derived once per step (the CPU pays per op, not per byte, here).
+
+On an fp32 pool, where `kernels.cpu_decode` builds, decodes instead read their pages in place
+with its native kernel (no gather, no SDPA call); the functions here stay the reference.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 
+from kunlite.kernels import cpu_decode
 from kunlite.kernels.backend import AttentionBackend, AttentionMetadata, register_backend
 
 
@@ -132,10 +137,23 @@ class _StepPlan:
     """What every layer of one step shares: derived once in prepare()."""
 
     meta: AttentionMetadata  # the step this plan belongs to (compared by identity)
+    page_size: int
     write_rows: torch.Tensor  # (L, 2T) int64: rows of the new keys, then of the new values
-    decode_rows: torch.Tensor | None  # (L, 2 * B_d * S) int64: rows the decodes attend over
     decode_span: int  # S
-    decode_mask: torch.Tensor | None  # (B_d, 1, 1, S) bool; None when all decodes have length S
+
+    @cached_property
+    def decode_rows(self) -> torch.Tensor:  # (L, 2 * B_d * S) int64: rows the decodes attend over
+        """Derived on first use: the native CPU kernel reads pages in place and never needs it."""
+        nd = self.meta.num_decodes
+        rows = token_rows(self.meta.page_tables[:, :nd], self.decode_span, self.page_size)  # (L, B_d, 2, S)
+        return rows.transpose(1, 2).reshape(rows.shape[0], -1)
+
+    @cached_property
+    def decode_mask(self) -> torch.Tensor | None:  # (B_d, 1, 1, S) bool; None when all have length S
+        nd = self.meta.num_decodes
+        if min(self.meta.seq_lens_cpu[:nd]) == self.decode_span:
+            return None
+        return decode_mask(self.meta.seq_lens[:nd], self.decode_span)
 
 
 @register_backend
@@ -144,16 +162,9 @@ class TorchBackend(AttentionBackend):
     _plan: _StepPlan | None = None
 
     def prepare(self, meta: AttentionMetadata) -> None:
-        nd, ps = meta.num_decodes, self.page_size
-        span = max(meta.seq_lens_cpu[:nd], default=0)
-        rows = mask = None
-        if nd:
-            rows = token_rows(meta.page_tables[:, :nd], span, ps)  # (L, B_d, 2, S)
-            rows = rows.transpose(1, 2).reshape(rows.shape[0], -1)  # (L, 2 * B_d * S)
-            if min(meta.seq_lens_cpu[:nd]) != span:
-                mask = decode_mask(meta.seq_lens[:nd], span)
-        self._plan = _StepPlan(meta=meta, write_rows=slot_rows(meta.slot_mapping, ps),
-                               decode_rows=rows, decode_span=span, decode_mask=mask)
+        span = max(meta.seq_lens_cpu[: meta.num_decodes], default=0)
+        self._plan = _StepPlan(meta=meta, page_size=self.page_size,
+                               write_rows=slot_rows(meta.slot_mapping, self.page_size), decode_span=span)
 
     def forward(
         self,
@@ -186,6 +197,9 @@ class TorchBackend(AttentionBackend):
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, rows_view: torch.Tensor | None, layer: int,
                 meta: AttentionMetadata) -> torch.Tensor:  # q: (B_d, H_q, d) -> (B_d, H_q, d)
         plan, nd = self._plan, q.shape[0]
+        if rows_view is not None and cpu_decode.supports_attention(q, kv_cache):
+            return cpu_decode.paged_decode_attention(q, kv_cache, meta.page_tables[layer, :nd], meta.seq_lens[:nd],
+                                                     self.scale)
         if rows_view is None:
             return decode_attention(q, kv_cache, meta.page_tables[layer, :nd], meta.seq_lens[:nd],
                                     scale=self.scale, max_seq_len=plan.decode_span)

@@ -1,4 +1,4 @@
-"""The CPU decode products (kernels/cpu_gemv.c) against an fp64 torch reference.
+"""The CPU decode products (kernels/cpu_decode.c) against an fp64 torch reference.
 
 Awkward shapes on purpose: N not a multiple of the 4-row block, K not a multiple of the 8-lane
 vector (the scalar tail), inputs and residuals that are row views of wider tensors (the fused
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kunlite.kernels import cpu_gemv
+from kunlite.kernels import cpu_decode
 
 pytestmark = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64")
                                 or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "am
 
 
 def test_the_kernels_build_here() -> None:
-    assert cpu_gemv.available()
+    assert cpu_decode.available()
 
 
 def reference(x: torch.Tensor, w: torch.Tensor, bias, residual, norm, eps: float, glu: bool) -> torch.Tensor:
@@ -63,7 +63,7 @@ def test_matches_fp64_reference(m: int, n: int, k: int, act: str, with_bias: boo
     norm = torch.randn(k, generator=g) if act == "rms_norm" else None  # (K,)
     eps = 1e-5
     x_before = x.clone()
-    y = cpu_gemv.linear(x, w, bias=bias, residual=residual, norm=norm, eps=eps, glu=act == "silu_glu")
+    y = cpu_decode.linear(x, w, bias=bias, residual=residual, norm=norm, eps=eps, glu=act == "silu_glu")
     want = reference(x, w, bias, residual, norm, eps, act == "silu_glu")
     assert y.shape == (m, n) and y.dtype == torch.float32
     # fp32 accumulation of K products of N(0,1) numbers: error grows like sqrt(K) * 2^-24 * |terms|
@@ -74,20 +74,20 @@ def test_matches_fp64_reference(m: int, n: int, k: int, act: str, with_bias: boo
 def test_rejects_what_it_cannot_compute() -> None:
     w = torch.randn(8, 16)
     with pytest.raises(AssertionError, match="fp32"):
-        cpu_gemv.linear(torch.randn(2, 16, dtype=torch.bfloat16), w)
+        cpu_decode.linear(torch.randn(2, 16, dtype=torch.bfloat16), w)
     with pytest.raises(AssertionError, match="does not fit"):
-        cpu_gemv.linear(torch.randn(2, 15), w)
+        cpu_decode.linear(torch.randn(2, 15), w)
     with pytest.raises(AssertionError, match="dense"):
-        cpu_gemv.linear(torch.randn(2, 16), torch.randn(16, 8).T)
+        cpu_decode.linear(torch.randn(2, 16), torch.randn(16, 8).T)
 
 
 def test_an_edit_to_the_source_rebuilds(tmp_path, monkeypatch) -> None:
     """The library is named by a hash of source and flags: a new source gets a new file."""
-    first = cpu_gemv.build(tmp_path)
-    assert first.exists() and cpu_gemv.build(tmp_path) == first  # built once
+    first = cpu_decode.build(tmp_path)
+    assert first.exists() and cpu_decode.build(tmp_path) == first  # built once
     edited = tmp_path / "edited.c"
-    edited.write_text(cpu_gemv.SOURCE.read_text() + "\n/* edited */\n")
-    monkeypatch.setattr(cpu_gemv, "SOURCE", edited)
-    second = cpu_gemv.build(tmp_path)
+    edited.write_text(cpu_decode.SOURCE.read_text() + "\n/* edited */\n")
+    monkeypatch.setattr(cpu_decode, "SOURCE", edited)
+    second = cpu_decode.build(tmp_path)
     assert second != first and second.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("tmp")]  # no half-written files

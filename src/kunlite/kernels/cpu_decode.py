@@ -1,14 +1,16 @@
-"""Small-batch fp32 matrix products on CPU, from `cpu_gemv.c`, built on first use.
+"""The CPU decode path's kernels, from `cpu_decode.c`, built on first use.
 
 The C file is compiled with the system C compiler (`$CC`, else `cc`) into
 `$KUNLITE_HOME/build/` the first time it is needed (about a second), named by a hash of the
 source and flags so that an edit rebuilds it; the build is written to a temporary name and
 renamed, so a crash never leaves a half-written library. Without a compiler, off x86-64, on a
-CPU without AVX2/FMA, or with `KUNLITE_CPU_GEMV=0`, `available()` is False and callers keep
+CPU without AVX2/FMA, or with `KUNLITE_CPU_DECODE=0`, `available()` is False and callers keep
 torch's path.
 
-`linear` is the only entry point: Y = act(X) @ W.T (+ bias) (+ residual), act one of
-none, rms_norm (weight `norm`, `eps`) and SiLU-GLU (X holds [gate | up]).
+Two entry points, fp32 only:
+- `linear`: Y = act(X) @ W.T (+ bias) (+ residual), act one of none, rms_norm (weight `norm`,
+  `eps`) and SiLU-GLU (X holds [gate | up]); for the few rows of a decode step.
+- `paged_decode_attention`: one query per sequence over the paged pool, read in place.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-ENV = "KUNLITE_CPU_GEMV"
-SOURCE = Path(__file__).with_name("cpu_gemv.c")
+ENV = "KUNLITE_CPU_DECODE"
+SOURCE = Path(__file__).with_name("cpu_decode.c")
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 ACT_NONE, ACT_RMS_NORM, ACT_SILU_GLU = 0, 1, 2
 
@@ -56,7 +58,7 @@ def build(build_dir: Path | None = None) -> Path:
         raise RuntimeError("no C compiler (set CC, or install gcc)")
     source = SOURCE.read_bytes()
     digest = hashlib.blake2b(source + " ".join((cc, *CFLAGS)).encode(), digest_size=8).hexdigest()
-    target = build_dir / f"cpu_gemv-{digest}.so"
+    target = build_dir / f"cpu_decode-{digest}.so"
     if target.exists():
         return target
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -88,6 +90,10 @@ def _load() -> ctypes.CDLL | None:
     fn = lib.kl_gemv_f32
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_float, ctypes.c_int] + [ctypes.c_long] * 6
     fn.restype = ctypes.c_int
+    attn = lib.kl_paged_decode_f32
+    attn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p] + \
+        [ctypes.c_long] * 5 + [ctypes.c_float]
+    attn.restype = None
     _lib = lib
     return lib
 
@@ -136,3 +142,33 @@ def linear(
     if rc != 0:
         raise MemoryError("CPU decode kernel: no memory for the activation buffer")
     return y
+
+
+def supports_attention(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    """Whether `paged_decode_attention` takes these operands (else use torch's path)."""
+    return (q.dtype == kv_cache.dtype == torch.float32 and q.device.type == kv_cache.device.type == "cpu"
+            and kv_cache.is_contiguous() and q.shape[-1] % 8 == 0 and available())
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # (B, H_q, d) fp32
+    kv_cache: torch.Tensor,  # (P, 2, ps, H_kv, d) fp32, contiguous
+    page_table: torch.Tensor,  # (B, >= max pages) int32: this layer's page ids, rows dense
+    seq_lens: torch.Tensor,  # (B,) int32, 1 <= len <= pages in the row * ps
+    scale: float,
+) -> torch.Tensor:  # (B, H_q, d) fp32
+    """softmax(q k^T * scale) v per sequence and query head, keys and values read in place from
+    their pages. Page ids are trusted, as by the Triton kernels: they come from the block manager."""
+    lib = _load()
+    assert lib is not None, "the CPU decode kernels are not available here; check supports_attention() first"
+    assert supports_attention(q, kv_cache), "fp32 CPU operands, a contiguous pool and d % 8 == 0"
+    B, hq, d = q.shape
+    _, two, ps, hkv, d_kv = kv_cache.shape
+    assert two == 2 and d_kv == d and hq % hkv == 0, f"q {tuple(q.shape)} does not fit the pool {tuple(kv_cache.shape)}"
+    assert page_table.dtype == seq_lens.dtype == torch.int32 and page_table.shape[0] == seq_lens.shape[0] == B
+    assert page_table.stride(1) == 1 and seq_lens.is_contiguous()
+    q = q.contiguous()
+    out = torch.empty_like(q)  # (B, H_q, d)
+    lib.kl_paged_decode_f32(q.data_ptr(), kv_cache.data_ptr(), page_table.data_ptr(), page_table.stride(0),
+                            seq_lens.data_ptr(), out.data_ptr(), B, hq, hkv, d, ps, float(scale))
+    return out

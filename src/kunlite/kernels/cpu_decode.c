@@ -1,4 +1,5 @@
-/* Small-batch fp32 matrix products for the CPU decode path (AVX2 + FMA, OpenMP).
+/* The CPU decode path's kernels (AVX2 + FMA, OpenMP): small-batch fp32 matrix products, and
+ * paged decode attention (at the end of the file).
  *
  *   Y[m, :] = act(X[m, :]) @ W^T  (+ bias)  (+ R[m, :])        m < M, M small (decode rows)
  *
@@ -103,4 +104,72 @@ int kl_gemv_f32(const float *W, const float *X, float *Y, const float *bias, con
     }
     free(A);
     return 0;
+}
+
+/* Paged decode attention: one query token per sequence, over an fp32 pool, no gather.
+ *
+ *   q (B, Hq, d) dense, out (B, Hq, d) dense
+ *   kv: the pool (P, 2, ps, Hkv, d) dense; page_table (B, ldpt) int32, this layer's page ids;
+ *   seq_lens (B,) int32, each >= 1 and <= ldpt * ps.
+ *
+ * One task per (sequence, KV head): its G = Hq / Hkv query heads share every key row read
+ * (grouped-query attention). Pages are visited in order with an online softmax (running max m,
+ * running sum l, accumulator rescaled when m grows), so each key and value row is read once,
+ * straight from its page. d is a multiple of 8.
+ */
+void kl_paged_decode_f32(const float *q, const float *kv, const int *page_table, long ldpt, const int *seq_lens,
+                         float *out, long B, long Hq, long Hkv, long d, long ps, float scale) {
+    const long G = Hq / Hkv, row = Hkv * d; /* row: floats between consecutive tokens of a page */
+#pragma omp parallel for schedule(dynamic, 1)
+    for (long task = 0; task < B * Hkv; task++) {
+        const long b = task / Hkv, h = task % Hkv, S = seq_lens[b];
+        const float *qb = q + (b * Hq + h * G) * d; /* G query rows, d apart */
+        float acc[G * d], m[G], l[G], s[G * ps];
+        for (long i = 0; i < G * d; i++) acc[i] = 0.0f;
+        for (long g = 0; g < G; g++) m[g] = -INFINITY, l[g] = 0.0f;
+        for (long p0 = 0; p0 < S; p0 += ps) {
+            const long n = S - p0 < ps ? S - p0 : ps;
+            const float *K = kv + (long)page_table[b * ldpt + p0 / ps] * 2 * ps * row + h * d;
+            const float *V = K + ps * row;
+            for (long t = 0; t < n; t++) {
+                const float *kr = K + t * row;
+                for (long g = 0; g < G; g++) {
+                    __m256 a = _mm256_setzero_ps();
+                    for (long c = 0; c < d; c += 8)
+                        a = _mm256_fmadd_ps(_mm256_loadu_ps(kr + c), _mm256_loadu_ps(qb + g * d + c), a);
+                    s[g * ps + t] = hsum(a) * scale;
+                }
+            }
+            for (long g = 0; g < G; g++) {
+                float mx = m[g];
+                for (long t = 0; t < n; t++) mx = s[g * ps + t] > mx ? s[g * ps + t] : mx;
+                if (mx > m[g]) { /* rescale what was accumulated under the old max (exp(-inf) = 0) */
+                    const float alpha = expf(m[g] - mx);
+                    l[g] *= alpha;
+                    for (long c = 0; c < d; c++) acc[g * d + c] *= alpha;
+                    m[g] = mx;
+                }
+                for (long t = 0; t < n; t++) {
+                    const float p = expf(s[g * ps + t] - mx);
+                    s[g * ps + t] = p;
+                    l[g] += p;
+                }
+            }
+            for (long t = 0; t < n; t++) {
+                const float *vr = V + t * row;
+                for (long c = 0; c < d; c += 8) {
+                    const __m256 vv = _mm256_loadu_ps(vr + c);
+                    for (long g = 0; g < G; g++) {
+                        float *ac = acc + g * d + c;
+                        _mm256_storeu_ps(ac, _mm256_fmadd_ps(_mm256_set1_ps(s[g * ps + t]), vv, _mm256_loadu_ps(ac)));
+                    }
+                }
+            }
+        }
+        for (long g = 0; g < G; g++) {
+            float *o = out + (b * Hq + h * G + g) * d;
+            const float inv = 1.0f / l[g];
+            for (long c = 0; c < d; c++) o[c] = acc[g * d + c] * inv;
+        }
+    }
 }
