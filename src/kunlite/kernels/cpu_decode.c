@@ -29,6 +29,24 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(a);
 }
 
+/* exp over 8 lanes (Cephes' expf: range reduction by ln 2, degree-5 polynomial; ~1 ulp). Inputs
+ * below -87.3 are clamped there (the result is ~1e-38, not 0); softmax only feeds it x <= 0. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
 /* act(X) into a dense (M, K) buffer. */
 static void activate(const float *X, float *A, const float *g, float eps, int act, long M, long K, long ldx) {
     for (long m = 0; m < M; m++) {
@@ -50,19 +68,20 @@ static void activate(const float *X, float *A, const float *g, float eps, int ac
     }
 }
 
-/* Dot products of 4 W rows with `mr` x rows (the accumulators stay in registers: 4 * mr <= 12),
- * epilogue included. Inlined with a constant mr, so the loops unroll. */
-static inline __attribute__((always_inline)) void tile(const float *const w[4], long nn, const float *X, long ldx,
-                                                      long m0, int mr, long n0, long K, float *Y, long ldy,
-                                                      const float *bias, const float *R, long ldr) {
-    __m256 acc[4][3];
-    for (int i = 0; i < 4; i++)
+/* Dot products of nr W rows with mr x rows, epilogue included; nr * mr <= 12 accumulators stay
+ * in registers. Inlined with constant nr and mr, so the loops unroll. Rows i >= nn of w repeat a
+ * valid row and their sums are dropped. */
+static inline __attribute__((always_inline)) void tile(const float *const *w, const int nr, long nn, const float *X,
+                                                      long ldx, long m0, const int mr, long n0, long K, float *Y,
+                                                      long ldy, const float *bias, const float *R, long ldr) {
+    __m256 acc[8][3];
+    for (int i = 0; i < nr; i++)
         for (int j = 0; j < mr; j++) acc[i][j] = _mm256_setzero_ps();
     long k = 0;
     for (; k + 8 <= K; k += 8) {
         __m256 xv[3];
         for (int j = 0; j < mr; j++) xv[j] = _mm256_loadu_ps(X + (m0 + j) * ldx + k);
-        for (int i = 0; i < 4; i++) {
+        for (int i = 0; i < nr; i++) {
             __m256 wv = _mm256_loadu_ps(w[i] + k);
             for (int j = 0; j < mr; j++) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);
         }
@@ -90,17 +109,21 @@ int kl_gemv_f32(const float *W, const float *X, float *Y, const float *bias, con
         X = A;
         ldx = K;
     }
-    long blocks = (N + 3) / 4;
+    const long blocks = (N + 7) / 8;
 #pragma omp parallel for schedule(static)
     for (long blk = 0; blk < blocks; blk++) {
-        long n0 = blk * 4, nn = N - n0 < 4 ? N - n0 : 4;
-        /* a short last block repeats row n0, so the tile stays branch-free; its extra sums are dropped */
-        const float *w[4] = {W + n0 * K, W + n0 * K + (nn > 1 ? K : 0), W + n0 * K + (nn > 2 ? 2 * K : 0),
-                             W + n0 * K + (nn > 3 ? 3 * K : 0)};
-        /* The 4 rows are read from memory once and stay in L1 for every group of x rows. */
+        const long n0 = blk * 8, nn = N - n0 < 8 ? N - n0 : 8;
+        const float *w[8];
+        for (long i = 0; i < 8; i++) w[i] = W + (n0 + (i < nn ? i : 0)) * K;
+        const long lo = nn < 4 ? nn : 4, hi = nn - lo; /* rows in the two halves */
+        /* The 8 rows are read from memory once and stay in L1 for every group of x rows: in
+         * threes against each half (12 accumulators), then one at a time against all 8. */
         long m = 0;
-        for (; m + 3 <= M; m += 3) tile(w, nn, X, ldx, m, 3, n0, K, Y, ldy, bias, R, ldr);
-        for (; m < M; m++) tile(w, nn, X, ldx, m, 1, n0, K, Y, ldy, bias, R, ldr);
+        for (; m + 3 <= M; m += 3) {
+            tile(w, 4, lo, X, ldx, m, 3, n0, K, Y, ldy, bias, R, ldr);
+            if (hi > 0) tile(w + 4, 4, hi, X, ldx, m, 3, n0 + 4, K, Y, ldy, bias, R, ldr);
+        }
+        for (; m < M; m++) tile(w, 8, nn, X, ldx, m, 1, n0, K, Y, ldy, bias, R, ldr);
     }
     free(A);
     return 0;
@@ -124,7 +147,8 @@ void kl_paged_decode_f32(const float *q, const float *kv, const int *page_table,
     for (long task = 0; task < B * Hkv; task++) {
         const long b = task / Hkv, h = task % Hkv, S = seq_lens[b];
         const float *qb = q + (b * Hq + h * G) * d; /* G query rows, d apart */
-        float acc[G * d], m[G], l[G], s[G * ps];
+        const long ps8 = (ps + 7) / 8 * 8; /* score rows padded to whole vectors */
+        float acc[G * d], m[G], l[G], s[G * ps8];
         for (long i = 0; i < G * d; i++) acc[i] = 0.0f;
         for (long g = 0; g < G; g++) m[g] = -INFINITY, l[g] = 0.0f;
         for (long p0 = 0; p0 < S; p0 += ps) {
@@ -137,23 +161,22 @@ void kl_paged_decode_f32(const float *q, const float *kv, const int *page_table,
                     __m256 a = _mm256_setzero_ps();
                     for (long c = 0; c < d; c += 8)
                         a = _mm256_fmadd_ps(_mm256_loadu_ps(kr + c), _mm256_loadu_ps(qb + g * d + c), a);
-                    s[g * ps + t] = hsum(a) * scale;
+                    s[g * ps8 + t] = hsum(a) * scale;
                 }
             }
             for (long g = 0; g < G; g++) {
                 float mx = m[g];
-                for (long t = 0; t < n; t++) mx = s[g * ps + t] > mx ? s[g * ps + t] : mx;
+                for (long t = 0; t < n; t++) mx = s[g * ps8 + t] > mx ? s[g * ps8 + t] : mx;
                 if (mx > m[g]) { /* rescale what was accumulated under the old max (exp(-inf) = 0) */
                     const float alpha = expf(m[g] - mx);
                     l[g] *= alpha;
                     for (long c = 0; c < d; c++) acc[g * d + c] *= alpha;
                     m[g] = mx;
                 }
-                for (long t = 0; t < n; t++) {
-                    const float p = expf(s[g * ps + t] - mx);
-                    s[g * ps + t] = p;
-                    l[g] += p;
-                }
+                float *sg = s + g * ps8; /* lanes past n are computed and never read */
+                for (long t = 0; t < n; t += 8)
+                    _mm256_storeu_ps(sg + t, exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + t), _mm256_set1_ps(mx))));
+                for (long t = 0; t < n; t++) l[g] += sg[t];
             }
             for (long t = 0; t < n; t++) {
                 const float *vr = V + t * row;
@@ -161,7 +184,7 @@ void kl_paged_decode_f32(const float *q, const float *kv, const int *page_table,
                     const __m256 vv = _mm256_loadu_ps(vr + c);
                     for (long g = 0; g < G; g++) {
                         float *ac = acc + g * d + c;
-                        _mm256_storeu_ps(ac, _mm256_fmadd_ps(_mm256_set1_ps(s[g * ps + t]), vv, _mm256_loadu_ps(ac)));
+                        _mm256_storeu_ps(ac, _mm256_fmadd_ps(_mm256_set1_ps(s[g * ps8 + t]), vv, _mm256_loadu_ps(ac)));
                     }
                 }
             }
