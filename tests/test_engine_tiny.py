@@ -22,6 +22,7 @@ from tiny_models import VARIANTS, hf_model, make_tiny_model
 # fp32 end to end; differences come only from summation order (fused q/k/v and gate/up, paged
 # attention). Logits are O(1..10) for these models.
 LOGIT_ATOL = 2e-4
+BF16_ERROR_RATIO = 1.5  # see test_bf16_is_as_close_to_fp32_as_hf_bf16
 PROMPT_LENS = (1, 5, 16, 23, 40)
 NEW_TOKENS = 8
 
@@ -112,3 +113,26 @@ def test_triton_backend_gives_the_torch_backends_tokens(tiny_root: Path, variant
     assert triton_tokens == torch_tokens
     for a, b in zip(torch_logits, triton_logits):
         torch.testing.assert_close(torch.stack(b), torch.stack(a), atol=LOGIT_ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa-tied", "qwen2-bias"])
+def test_bf16_is_as_close_to_fp32_as_hf_bf16(tiny_root: Path, variant: str, products: str) -> None:
+    """bf16 on CPU (native kernels from 2 rows, torch's bf16 product for 1, the widened fp32
+    product for long prefills) against HF in fp32, measured against HF's own bf16 error on the
+    same tokens: rounding differs, so ours may be somewhat worse, but a broken path is far off."""
+    import copy
+
+    path = make_tiny_model(tiny_root, variant)
+    model = hf_model(path)
+    model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    ps = prompts(model.config.vocab_size)
+    tokens, logits = run_engine(path, ps, dtype="bfloat16")
+    ours = hf = 0.0
+    for p, toks, rows in zip(ps, tokens, logits):
+        ref = hf_logits(model, p + toks)  # (n, V) fp32, teacher-forced on our tokens
+        ref_bf16 = hf_logits(model_bf16, p + toks)  # (n, V)
+        for j, row in enumerate(rows):
+            i = len(p) - 1 + j
+            ours = max(ours, (row - ref[i]).abs().max().item())
+            hf = max(hf, (ref_bf16[i] - ref[i]).abs().max().item())
+    assert ours <= BF16_ERROR_RATIO * hf, (ours, hf)

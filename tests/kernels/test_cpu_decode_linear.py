@@ -50,31 +50,37 @@ def reference(x: torch.Tensor, w: torch.Tensor, bias, residual, norm, eps: float
     with_bias=st.booleans(),
     with_residual=st.booleans(),
     pad=st.integers(0, 5),  # x and the residual are column slices of wider rows
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_matches_fp64_reference(m: int, n: int, k: int, act: str, with_bias: bool, with_residual: bool,
-                                pad: int, seed: int) -> None:
+                                pad: int, dtype: torch.dtype, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
     width = 2 * k if act == "silu_glu" else k
-    x = torch.randn(m, width + pad, generator=g)[:, pad:]  # (M, width), row stride width + pad
-    w = torch.randn(n, k, generator=g)  # (N, K)
-    bias = torch.randn(n, generator=g) if with_bias else None  # (N,)
-    residual = torch.randn(m, n + pad, generator=g)[:, :n] if with_residual else None  # (M, N) strided
-    norm = torch.randn(k, generator=g) if act == "rms_norm" else None  # (K,)
+    x = randn(m, width + pad)[:, pad:]  # (M, width), row stride width + pad
+    w = randn(n, k)  # (N, K)
+    bias = randn(n) if with_bias else None  # (N,)
+    residual = randn(m, n + pad)[:, :n] if with_residual else None  # (M, N) strided
+    norm = randn(k) if act == "rms_norm" else None  # (K,)
     eps = 1e-5
     x_before = x.clone()
     y = cpu_decode.linear(x, w, bias=bias, residual=residual, norm=norm, eps=eps, glu=act == "silu_glu")
-    want = reference(x, w, bias, residual, norm, eps, act == "silu_glu")
-    assert y.shape == (m, n) and y.dtype == torch.float32
-    # fp32 accumulation of K products of N(0,1) numbers: error grows like sqrt(K) * 2^-24 * |terms|
-    torch.testing.assert_close(y.double(), want, atol=1e-4 * max(1.0, k ** 0.5), rtol=1e-4)
+    want = reference(x, w, bias, residual, norm, eps, act == "silu_glu")  # of the same (bf16) values
+    assert y.shape == (m, n) and y.dtype == dtype
+    # fp32 accumulation of K products of N(0,1) numbers: error grows like sqrt(K) * 2^-24 * |terms|;
+    # a bf16 result adds one rounding (2^-9 relative).
+    atol, rtol = (1e-4, 1e-4) if dtype == torch.float32 else (1e-3, 2 ** -8)
+    torch.testing.assert_close(y.double(), want, atol=atol * max(1.0, k ** 0.5), rtol=rtol)
     torch.testing.assert_close(x, x_before, atol=0, rtol=0)  # inputs are read, never written
 
 
 def test_rejects_what_it_cannot_compute() -> None:
     w = torch.randn(8, 16)
-    with pytest.raises(AssertionError, match="fp32"):
+    with pytest.raises(AssertionError, match="fp32 or bf16 throughout"):
         cpu_decode.linear(torch.randn(2, 16, dtype=torch.bfloat16), w)
+    with pytest.raises(AssertionError, match="fp32 or bf16 throughout"):
+        cpu_decode.linear(torch.randn(2, 16, dtype=torch.float16), w.half())
     with pytest.raises(AssertionError, match="does not fit"):
         cpu_decode.linear(torch.randn(2, 15), w)
     with pytest.raises(AssertionError, match="dense"):

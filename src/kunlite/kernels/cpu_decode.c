@@ -196,3 +196,109 @@ void kl_paged_decode_f32(const float *q, const float *kv, const int *page_table,
         }
     }
 }
+
+/* ---- bf16 weights and activations (processors without bf16 units) ----------------------------
+ *
+ * Same product, with W, X, bias, norm weight, R and Y all bf16; arithmetic in fp32, Y rounded to
+ * nearest even once. The inputs are widened into a dense fp32 buffer first, with each whole
+ * block of 16 columns stored as [8 even | 8 odd]: a 32-bit lane of W holds an (even, odd) pair of
+ * bf16, and `pair << 16` is the even one as fp32, `pair & 0xffff0000` the odd one, so a W row is
+ * widened in registers with one shift and one and per 16 values, no shuffles. Columns past the
+ * last whole block keep their order and are summed one by one.
+ */
+#include <stdint.h>
+
+static inline float bf2f(uint16_t v) {
+    union { uint32_t u; float f; } c = {(uint32_t)v << 16};
+    return c.f;
+}
+
+static inline uint16_t f2bf(float f) {
+    union { float f; uint32_t u; } c = {f};
+    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((c.u >> 16) | 0x40); /* quiet NaN */
+    return (uint16_t)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
+}
+
+static void activate_bf16(const uint16_t *X, float *A, const uint16_t *g, float eps, int act, long M, long K,
+                          long ldx) {
+    float row[K];
+    for (long m = 0; m < M; m++) {
+        const uint16_t *x = X + m * ldx;
+        if (act == ACT_RMS_NORM) {
+            double ss = 0.0;
+            for (long k = 0; k < K; k++) ss += (double)bf2f(x[k]) * bf2f(x[k]);
+            float r = 1.0f / sqrtf((float)(ss / K) + eps);
+            for (long k = 0; k < K; k++) row[k] = bf2f(g[k]) * (bf2f(x[k]) * r);
+        } else if (act == ACT_SILU_GLU) {
+            for (long k = 0; k < K; k++) {
+                float gate = bf2f(x[k]);
+                row[k] = gate / (1.0f + expf(-gate)) * bf2f(x[K + k]);
+            }
+        } else {
+            for (long k = 0; k < K; k++) row[k] = bf2f(x[k]);
+        }
+        float *a = A + m * K;
+        long k = 0;
+        for (; k + 16 <= K; k += 16)
+            for (long i = 0; i < 8; i++) a[k + i] = row[k + 2 * i], a[k + 8 + i] = row[k + 2 * i + 1];
+        for (; k < K; k++) a[k] = row[k];
+    }
+}
+
+static inline __attribute__((always_inline)) void tile_bf16(const uint16_t *const *w, const int nr, long nn,
+                                                           const float *A, long m0, const int mr, long n0, long K,
+                                                           uint16_t *Y, long ldy, const uint16_t *bias,
+                                                           const uint16_t *R, long ldr) {
+    const __m256i odd = _mm256_set1_epi32((int)0xffff0000u);
+    __m256 acc[8][2];
+    for (int i = 0; i < nr; i++)
+        for (int j = 0; j < mr; j++) acc[i][j] = _mm256_setzero_ps();
+    long k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m256 xe[2], xo[2];
+        for (int j = 0; j < mr; j++) {
+            xe[j] = _mm256_loadu_ps(A + (m0 + j) * K + k);
+            xo[j] = _mm256_loadu_ps(A + (m0 + j) * K + k + 8);
+        }
+        for (int i = 0; i < nr; i++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(w[i] + k));
+            const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+            const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
+            for (int j = 0; j < mr; j++) acc[i][j] = _mm256_fmadd_ps(wo, xo[j], _mm256_fmadd_ps(we, xe[j], acc[i][j]));
+        }
+    }
+    for (int j = 0; j < mr; j++) {
+        const float *a = A + (m0 + j) * K;
+        for (long i = 0; i < nn; i++) {
+            float v = hsum(acc[i][j]);
+            for (long kk = k; kk < K; kk++) v += bf2f(w[i][kk]) * a[kk];
+            if (bias) v += bf2f(bias[n0 + i]);
+            if (R) v += bf2f(R[(m0 + j) * ldr + n0 + i]);
+            Y[(m0 + j) * ldy + n0 + i] = f2bf(v);
+        }
+    }
+}
+
+/* Returns 0, or -1 when the (M, K) fp32 buffer cannot be allocated. */
+int kl_gemv_bf16(const uint16_t *W, const uint16_t *X, uint16_t *Y, const uint16_t *bias, const uint16_t *R,
+                 const uint16_t *g, float eps, int act, long M, long N, long K, long ldx, long ldy, long ldr) {
+    float *A = aligned_alloc(32, ((M * K * sizeof(float)) + 31) / 32 * 32);
+    if (!A) return -1;
+    activate_bf16(X, A, g, eps, act, M, K, ldx);
+    const long blocks = (N + 7) / 8;
+#pragma omp parallel for schedule(static)
+    for (long blk = 0; blk < blocks; blk++) {
+        const long n0 = blk * 8, nn = N - n0 < 8 ? N - n0 : 8;
+        const uint16_t *w[8];
+        for (long i = 0; i < 8; i++) w[i] = W + (n0 + (i < nn ? i : 0)) * K;
+        const long lo = nn < 4 ? nn : 4, hi = nn - lo;
+        long m = 0;
+        for (; m + 2 <= M; m += 2) {
+            tile_bf16(w, 4, lo, A, m, 2, n0, K, Y, ldy, bias, R, ldr);
+            if (hi > 0) tile_bf16(w + 4, 4, hi, A, m, 2, n0 + 4, K, Y, ldy, bias, R, ldr);
+        }
+        for (; m < M; m++) tile_bf16(w, 8, nn, A, m, 1, n0, K, Y, ldy, bias, R, ldr);
+    }
+    free(A);
+    return 0;
+}

@@ -7,10 +7,11 @@ renamed, so a crash never leaves a half-written library. Without a compiler, off
 CPU without AVX2/FMA, or with `KUNLITE_CPU_DECODE=0`, `available()` is False and callers keep
 torch's path.
 
-Two entry points, fp32 only:
+Two entry points:
 - `linear`: Y = act(X) @ W.T (+ bias) (+ residual), act one of none, rms_norm (weight `norm`,
-  `eps`) and SiLU-GLU (X holds [gate | up]); for the few rows of a decode step.
-- `paged_decode_attention`: one query per sequence over the paged pool, read in place.
+  `eps`) and SiLU-GLU (X holds [gate | up]); for the few rows of a decode step. All operands
+  fp32, or all bf16 (widened in registers, summed in fp32, the result rounded once).
+- `paged_decode_attention`: one query per sequence over an fp32 paged pool, read in place.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def _load() -> ctypes.CDLL | None:
     fn = lib.kl_gemv_f32
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_float, ctypes.c_int] + [ctypes.c_long] * 6
     fn.restype = ctypes.c_int
+    lib.kl_gemv_bf16.argtypes, lib.kl_gemv_bf16.restype = fn.argtypes, ctypes.c_int
     attn = lib.kl_paged_decode_f32
     attn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p] + \
         [ctypes.c_long] * 5 + [ctypes.c_float]
@@ -109,35 +111,37 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def linear(
     x: torch.Tensor,  # (M, K), or (M, 2K) [gate | up] with glu
-    w: torch.Tensor,  # (N, K) fp32, contiguous
+    w: torch.Tensor,  # (N, K) fp32 or bf16 (as every operand), contiguous
     *,
     bias: torch.Tensor | None = None,  # (N,)
     residual: torch.Tensor | None = None,  # (M, N), added to the product
     norm: torch.Tensor | None = None,  # (K,): RMS-normalise each x row with this weight first
     eps: float = 0.0,
     glu: bool = False,  # x rows are [gate | up]; the product's input is silu(gate) * up
-) -> torch.Tensor:  # (M, N) fp32
+) -> torch.Tensor:  # (M, N) in w's dtype
     lib = _load()
     if lib is None:
         raise RuntimeError("the CPU decode kernels are not available here; check available() first")
     N, K = w.shape
     M = x.shape[0]
     assert not (glu and norm is not None), "one activation at a time"
-    assert x.dtype == w.dtype == torch.float32, f"fp32 only, got x {x.dtype}, w {w.dtype}"
+    dtype = w.dtype
+    assert x.dtype == dtype and dtype in (torch.float32, torch.bfloat16), f"fp32 or bf16 throughout, got x {x.dtype}, w {w.dtype}"
     assert x.device.type == w.device.type == "cpu"
     assert w.is_contiguous(), "W rows must be dense"
     assert x.dim() == 2 and x.shape[1] == (2 * K if glu else K), f"x {tuple(x.shape)} does not fit W {(N, K)}"
     if x.stride(1) != 1:
         x = x.contiguous()
     for t, shape in ((bias, (N,)), (norm, (K,))):
-        assert t is None or (t.shape == shape and t.dtype == torch.float32 and t.is_contiguous())
+        assert t is None or (t.shape == shape and t.dtype == dtype and t.is_contiguous())
     if residual is not None:
-        assert residual.shape == (M, N) and residual.dtype == torch.float32
+        assert residual.shape == (M, N) and residual.dtype == dtype
         if residual.stride(1) != 1:
             residual = residual.contiguous()
-    y = torch.empty(M, N, dtype=torch.float32)  # (M, N)
+    y = torch.empty(M, N, dtype=dtype)  # (M, N)
     act = ACT_SILU_GLU if glu else ACT_RMS_NORM if norm is not None else ACT_NONE
-    rc = lib.kl_gemv_f32(w.data_ptr(), x.data_ptr(), y.data_ptr(), _ptr(bias), _ptr(residual), _ptr(norm),
+    fn = lib.kl_gemv_f32 if dtype == torch.float32 else lib.kl_gemv_bf16
+    rc = fn(w.data_ptr(), x.data_ptr(), y.data_ptr(), _ptr(bias), _ptr(residual), _ptr(norm),
                          float(eps), act, M, N, K, x.stride(0), N, 0 if residual is None else residual.stride(0))
     if rc != 0:
         raise MemoryError("CPU decode kernel: no memory for the activation buffer")
@@ -153,7 +157,7 @@ def supports_attention(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
 def paged_decode_attention(
     q: torch.Tensor,  # (B, H_q, d) fp32
     kv_cache: torch.Tensor,  # (P, 2, ps, H_kv, d) fp32, contiguous
-    page_table: torch.Tensor,  # (B, >= max pages) int32: this layer's page ids, rows dense
+    page_table: torch.Tensor,  # (B, >= max pages) int32: this layer's page ids
     seq_lens: torch.Tensor,  # (B,) int32, 1 <= len <= pages in the row * ps
     scale: float,
 ) -> torch.Tensor:  # (B, H_q, d) fp32
@@ -166,8 +170,9 @@ def paged_decode_attention(
     _, two, ps, hkv, d_kv = kv_cache.shape
     assert two == 2 and d_kv == d and hq % hkv == 0, f"q {tuple(q.shape)} does not fit the pool {tuple(kv_cache.shape)}"
     assert page_table.dtype == seq_lens.dtype == torch.int32 and page_table.shape[0] == seq_lens.shape[0] == B
-    assert page_table.stride(1) == 1 and seq_lens.is_contiguous()
-    q = q.contiguous()
+    if page_table.stride(1) != 1:
+        page_table = page_table.contiguous()
+    seq_lens, q = seq_lens.contiguous(), q.contiguous()
     out = torch.empty_like(q)  # (B, H_q, d)
     lib.kl_paged_decode_f32(q.data_ptr(), kv_cache.data_ptr(), page_table.data_ptr(), page_table.stride(0),
                             seq_lens.data_ptr(), out.data_ptr(), B, hq, hkv, d, ps, float(scale))
