@@ -1,4 +1,5 @@
-"""The CPU paged decode attention (kernels/cpu_decode.c) against the torch reference in fp64.
+"""The CPU paged decode attention (kernels/cpu_decode.c, fp32 and bf16) against the torch reference
+in fp64.
 
 Pages are scattered over the pool and shuffled per sequence, lengths fall on and off page
 boundaries (1, a page, a page + 1, ragged), GQA group sizes 1..8, head dims incl. 80, and the
@@ -30,10 +31,11 @@ pytestmark = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "am
     head_dim=st.sampled_from([8, 64, 80, 128]),
     lens=st.lists(st.integers(1, 300), min_size=8, max_size=8),
     on_boundary=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_matches_the_reference(batch: int, page_size: int, num_kv_heads: int, group: int, head_dim: int,
-                               lens: list[int], on_boundary: bool, seed: int) -> None:
+                               lens: list[int], on_boundary: bool, dtype: torch.dtype, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     seq_lens = lens[:batch]
     if on_boundary:  # a page exactly full, and one token past it
@@ -41,7 +43,7 @@ def test_matches_the_reference(batch: int, page_size: int, num_kv_heads: int, gr
     pages_per_seq = [-(-n // page_size) for n in seq_lens]
     width = max(pages_per_seq) + 1  # table rows padded past the last page
     num_pages = sum(pages_per_seq) + 3
-    kv_cache = torch.full((num_pages, 2, page_size, num_kv_heads, head_dim), float("nan"))  # (P, 2, ps, H_kv, d)
+    kv_cache = torch.full((num_pages, 2, page_size, num_kv_heads, head_dim), float("nan"), dtype=dtype)  # (P, 2, ps, H_kv, d)
     perm = torch.randperm(num_pages, generator=g)
     table = torch.zeros(batch, width, dtype=torch.int32)  # (B, width): padding points at page 0
     start = 0
@@ -51,8 +53,8 @@ def test_matches_the_reference(batch: int, page_size: int, num_kv_heads: int, gr
         table[b, :np_] = ids.int()
         for j, p in enumerate(ids.tolist()):  # only the live slots get numbers; the rest stay NaN
             live = min(page_size, n - j * page_size)
-            kv_cache[p, :, :live] = torch.randn(2, live, num_kv_heads, head_dim, generator=g) * 3
-    q = torch.randn(batch, num_kv_heads * group, head_dim, generator=g)  # (B, H_q, d)
+            kv_cache[p, :, :live] = (torch.randn(2, live, num_kv_heads, head_dim, generator=g) * 3).to(dtype)
+    q = torch.randn(batch, num_kv_heads * group, head_dim, generator=g).to(dtype)  # (B, H_q, d)
     lens_t = torch.tensor(seq_lens, dtype=torch.int32)  # (B,)
     scale = head_dim ** -0.5
 
@@ -60,14 +62,18 @@ def test_matches_the_reference(batch: int, page_size: int, num_kv_heads: int, gr
     # The reference reads whole pages and masks the tail, so it needs finite numbers there.
     want = torch_backend.decode_attention(q.double(), torch.nan_to_num(kv_cache, nan=0.0).double(), table, lens_t,
                                           scale=scale, max_seq_len=max(seq_lens))
-    assert out.shape == q.shape and out.dtype == torch.float32
-    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-4)
+    assert out.shape == q.shape and out.dtype == dtype
+    # fp32 sums of the same values; a bf16 result adds one rounding (2^-9 relative, values ~3)
+    atol, rtol = (2e-5, 1e-4) if dtype == torch.float32 else (2e-2, 2 ** -8)
+    torch.testing.assert_close(out.double(), want, atol=atol, rtol=rtol)
 
 
 def test_supports_only_what_it_computes() -> None:
     q = torch.randn(1, 2, 64)
     pool = torch.zeros(2, 2, 4, 1, 64)
     assert cpu_decode.supports_attention(q, pool)
-    assert not cpu_decode.supports_attention(q.bfloat16(), pool.bfloat16())  # bf16 pools: torch's path
+    assert cpu_decode.supports_attention(q.bfloat16(), pool.bfloat16())
+    assert not cpu_decode.supports_attention(q.half(), pool.half())  # fp16: torch's path
+    assert not cpu_decode.supports_attention(q, pool.bfloat16())  # mixed: torch's path
     assert not cpu_decode.supports_attention(torch.randn(1, 2, 60), torch.zeros(2, 2, 4, 1, 60))  # d % 8
     assert not cpu_decode.supports_attention(q, torch.zeros(2, 2, 4, 1, 72)[..., :64])  # a strided pool

@@ -7,11 +7,13 @@ renamed, so a crash never leaves a half-written library. Without a compiler, off
 CPU without AVX2/FMA, or with `KUNLITE_CPU_DECODE=0`, `available()` is False and callers keep
 torch's path.
 
-Two entry points:
+Three entry points:
 - `linear`: Y = act(X) @ W.T (+ bias) (+ residual), act one of none, rms_norm (weight `norm`,
   `eps`) and SiLU-GLU (X holds [gate | up]); for the few rows of a decode step. All operands
   fp32, or all bf16 (widened in registers, summed in fp32, the result rounded once).
-- `paged_decode_attention`: one query per sequence over an fp32 paged pool, read in place.
+- `paged_decode_attention`: one query per sequence over the paged pool (fp32 or bf16), read in
+  place.
+- `rms_norm`: a few rows (fp32 or bf16), serially: the norm before a product that stays torch's.
 """
 
 from __future__ import annotations
@@ -92,10 +94,12 @@ def _load() -> ctypes.CDLL | None:
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_float, ctypes.c_int] + [ctypes.c_long] * 6
     fn.restype = ctypes.c_int
     lib.kl_gemv_bf16.argtypes, lib.kl_gemv_bf16.restype = fn.argtypes, ctypes.c_int
-    attn = lib.kl_paged_decode_f32
+    attn = lib.kl_paged_decode
     attn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p] + \
-        [ctypes.c_long] * 5 + [ctypes.c_float]
+        [ctypes.c_long] * 5 + [ctypes.c_float, ctypes.c_int]
     attn.restype = None
+    lib.kl_rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_float, ctypes.c_int]
+    lib.kl_rms_norm.restype = None
     _lib = lib
     return lib
 
@@ -150,22 +154,23 @@ def linear(
 
 def supports_attention(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
     """Whether `paged_decode_attention` takes these operands (else use torch's path)."""
-    return (q.dtype == kv_cache.dtype == torch.float32 and q.device.type == kv_cache.device.type == "cpu"
+    return (q.dtype == kv_cache.dtype and q.dtype in (torch.float32, torch.bfloat16)
+            and q.device.type == kv_cache.device.type == "cpu"
             and kv_cache.is_contiguous() and q.shape[-1] % 8 == 0 and available())
 
 
 def paged_decode_attention(
-    q: torch.Tensor,  # (B, H_q, d) fp32
-    kv_cache: torch.Tensor,  # (P, 2, ps, H_kv, d) fp32, contiguous
+    q: torch.Tensor,  # (B, H_q, d) fp32 or bf16
+    kv_cache: torch.Tensor,  # (P, 2, ps, H_kv, d) in q's dtype, contiguous
     page_table: torch.Tensor,  # (B, >= max pages) int32: this layer's page ids
     seq_lens: torch.Tensor,  # (B,) int32, 1 <= len <= pages in the row * ps
     scale: float,
-) -> torch.Tensor:  # (B, H_q, d) fp32
+) -> torch.Tensor:  # (B, H_q, d) in q's dtype
     """softmax(q k^T * scale) v per sequence and query head, keys and values read in place from
     their pages. Page ids are trusted, as by the Triton kernels: they come from the block manager."""
     lib = _load()
     assert lib is not None, "the CPU decode kernels are not available here; check supports_attention() first"
-    assert supports_attention(q, kv_cache), "fp32 CPU operands, a contiguous pool and d % 8 == 0"
+    assert supports_attention(q, kv_cache), "fp32 or bf16 CPU operands alike, a contiguous pool and d % 8 == 0"
     B, hq, d = q.shape
     _, two, ps, hkv, d_kv = kv_cache.shape
     assert two == 2 and d_kv == d and hq % hkv == 0, f"q {tuple(q.shape)} does not fit the pool {tuple(kv_cache.shape)}"
@@ -174,6 +179,23 @@ def paged_decode_attention(
         page_table = page_table.contiguous()
     seq_lens, q = seq_lens.contiguous(), q.contiguous()
     out = torch.empty_like(q)  # (B, H_q, d)
-    lib.kl_paged_decode_f32(q.data_ptr(), kv_cache.data_ptr(), page_table.data_ptr(), page_table.stride(0),
-                            seq_lens.data_ptr(), out.data_ptr(), B, hq, hkv, d, ps, float(scale))
+    lib.kl_paged_decode(q.data_ptr(), kv_cache.data_ptr(), page_table.data_ptr(), page_table.stride(0),
+                        seq_lens.data_ptr(), out.data_ptr(), B, hq, hkv, d, ps, float(scale),
+                        int(q.dtype == torch.bfloat16))
     return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: (M, K), weight: (K,), both fp32 or both bf16 -> (M, K) in x's dtype. One thread: meant
+    for the few rows of a decode step, where torch's per-op cost dominates."""
+    lib = _load()
+    assert lib is not None, "the CPU decode kernels are not available here; check available() first"
+    M, K = x.shape
+    assert x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16) and weight.shape == (K,)
+    assert x.device.type == "cpu" and weight.is_contiguous()
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    y = torch.empty(M, K, dtype=x.dtype)  # (M, K)
+    lib.kl_rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), M, K, x.stride(0), float(eps),
+                    int(x.dtype == torch.bfloat16))
+    return y
