@@ -17,6 +17,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
@@ -155,71 +156,76 @@ int kl_gemv_f32(const float *W, const float *X, float *Y, const float *bias, con
  *   kv: the pool (P, 2, ps, Hkv, d) dense; page_table (B, ldpt) int32, this layer's page ids;
  *   seq_lens (B,) int32, each >= 1 and <= ldpt * ps.
  *
- * One task per (sequence, KV head): its G = Hq / Hkv query heads share every key row read
- * (grouped-query attention). Pages are visited in order with an online softmax (running max m,
- * running sum l, accumulator rescaled when m grows), so each key and value row is read once,
- * straight from its page. d is a multiple of 8.
+ * A task is one sequence and a run of nh KV heads: all of them when there are sequences enough
+ * to keep every thread busy (then each page is read front to back, whole token rows), else one
+ * (more tasks, each reading its head's slice of the rows). The G = Hq / Hkv query heads of a KV
+ * head share every key row read (grouped-query attention). Pages are visited in order with an
+ * online softmax (running max m, running sum l, accumulator rescaled when m grows), so each key
+ * and value is read once, straight from its page. d is a multiple of 8.
  */
 void kl_paged_decode(const void *q, const void *kv, const int *page_table, long ldpt, const int *seq_lens,
                      void *out, long B, long Hq, long Hkv, long d, long ps, float scale, int bf16) {
     const long esize = bf16 ? 2 : 4;
-    const long G = Hq / Hkv, row = Hkv * d; /* row: floats between consecutive tokens of a page */
+    const long G = Hq / Hkv, row = Hkv * d; /* row: values between consecutive tokens of a page */
+    const long nh = B >= 2 * omp_get_max_threads() ? Hkv : 1, runs = Hkv / nh, Q = nh * G;
+    const long ps8 = (ps + 7) / 8 * 8; /* score rows padded to whole vectors */
 #pragma omp parallel for schedule(dynamic, 1)
-    for (long task = 0; task < B * Hkv; task++) {
-        const long b = task / Hkv, h = task % Hkv, S = seq_lens[b];
-        float qb[G * d]; /* the G query rows of this KV head, fp32 */
-        for (long i = 0; i < G * d; i++)
-            qb[i] = bf16 ? bf2f(((const uint16_t *)q)[(b * Hq + h * G) * d + i]) : ((const float *)q)[(b * Hq + h * G) * d + i];
-        const long ps8 = (ps + 7) / 8 * 8; /* score rows padded to whole vectors */
-        float acc[G * d], m[G], l[G], s[G * ps8];
-        for (long i = 0; i < G * d; i++) acc[i] = 0.0f;
-        for (long g = 0; g < G; g++) m[g] = -INFINITY, l[g] = 0.0f;
+    for (long task = 0; task < B * runs; task++) {
+        const long b = task / runs, h0 = task % runs * nh, S = seq_lens[b];
+        const long q0 = (b * Hq + h0 * G) * d; /* the task's Q query rows, d apart */
+        float qb[Q * d], acc[Q * d], m[Q], l[Q], s[Q * ps8]; /* query j belongs to KV head h0 + j / G */
+        for (long i = 0; i < Q * d; i++) {
+            qb[i] = bf16 ? bf2f(((const uint16_t *)q)[q0 + i]) : ((const float *)q)[q0 + i];
+            acc[i] = 0.0f;
+        }
+        for (long j = 0; j < Q; j++) m[j] = -INFINITY, l[j] = 0.0f;
         for (long p0 = 0; p0 < S; p0 += ps) {
             const long n = S - p0 < ps ? S - p0 : ps;
-            const char *K = (const char *)kv + ((long)page_table[b * ldpt + p0 / ps] * 2 * ps * row + h * d) * esize;
+            const char *K = (const char *)kv + ((long)page_table[b * ldpt + p0 / ps] * 2 * ps * row + h0 * d) * esize;
             const char *V = K + ps * row * esize;
-            for (long t = 0; t < n; t++) {
-                const char *kr = K + t * row * esize;
-                for (long g = 0; g < G; g++) {
-                    __m256 a = _mm256_setzero_ps();
-                    for (long c = 0; c < d; c += 8)
-                        a = _mm256_fmadd_ps(load8(kr, c, bf16), _mm256_loadu_ps(qb + g * d + c), a);
-                    s[g * ps8 + t] = hsum(a) * scale;
-                }
-            }
-            for (long g = 0; g < G; g++) {
-                float mx = m[g];
-                for (long t = 0; t < n; t++) mx = s[g * ps8 + t] > mx ? s[g * ps8 + t] : mx;
-                if (mx > m[g]) { /* rescale what was accumulated under the old max (exp(-inf) = 0) */
-                    const float alpha = expf(m[g] - mx);
-                    l[g] *= alpha;
-                    for (long c = 0; c < d; c++) acc[g * d + c] *= alpha;
-                    m[g] = mx;
-                }
-                float *sg = s + g * ps8; /* lanes past n are computed and never read */
-                for (long t = 0; t < n; t += 8)
-                    _mm256_storeu_ps(sg + t, exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + t), _mm256_set1_ps(mx))));
-                for (long t = 0; t < n; t++) l[g] += sg[t];
-            }
-            for (long t = 0; t < n; t++) {
-                const char *vr = V + t * row * esize;
-                for (long c = 0; c < d; c += 8) {
-                    const __m256 vv = load8(vr, c, bf16);
-                    for (long g = 0; g < G; g++) {
-                        float *ac = acc + g * d + c;
-                        _mm256_storeu_ps(ac, _mm256_fmadd_ps(_mm256_set1_ps(s[g * ps8 + t]), vv, _mm256_loadu_ps(ac)));
+            for (long t = 0; t < n; t++)
+                for (long hh = 0; hh < nh; hh++) {
+                    const char *kr = K + (t * row + hh * d) * esize;
+                    for (long j = hh * G; j < (hh + 1) * G; j++) {
+                        __m256 a = _mm256_setzero_ps();
+                        for (long c = 0; c < d; c += 8)
+                            a = _mm256_fmadd_ps(load8(kr, c, bf16), _mm256_loadu_ps(qb + j * d + c), a);
+                        s[j * ps8 + t] = hsum(a) * scale;
                     }
                 }
+            for (long j = 0; j < Q; j++) {
+                float *sj = s + j * ps8, mx = m[j];
+                for (long t = 0; t < n; t++) mx = sj[t] > mx ? sj[t] : mx;
+                if (mx > m[j]) { /* rescale what was accumulated under the old max (exp(-inf) = 0) */
+                    const float alpha = expf(m[j] - mx);
+                    l[j] *= alpha;
+                    for (long c = 0; c < d; c++) acc[j * d + c] *= alpha;
+                    m[j] = mx;
+                }
+                /* lanes past n are computed and never read */
+                for (long t = 0; t < n; t += 8)
+                    _mm256_storeu_ps(sj + t, exp8(_mm256_sub_ps(_mm256_loadu_ps(sj + t), _mm256_set1_ps(mx))));
+                for (long t = 0; t < n; t++) l[j] += sj[t];
             }
+            for (long t = 0; t < n; t++)
+                for (long hh = 0; hh < nh; hh++) {
+                    const char *vr = V + (t * row + hh * d) * esize;
+                    for (long c = 0; c < d; c += 8) {
+                        const __m256 vv = load8(vr, c, bf16);
+                        for (long j = hh * G; j < (hh + 1) * G; j++) {
+                            float *ac = acc + j * d + c;
+                            _mm256_storeu_ps(ac, _mm256_fmadd_ps(_mm256_set1_ps(s[j * ps8 + t]), vv, _mm256_loadu_ps(ac)));
+                        }
+                    }
+                }
         }
-        for (long g = 0; g < G; g++) {
-            const long o = (b * Hq + h * G + g) * d;
-            const float inv = 1.0f / l[g];
+        for (long j = 0; j < Q; j++) {
+            const float inv = 1.0f / l[j];
             for (long c = 0; c < d; c++) {
                 if (bf16)
-                    ((uint16_t *)out)[o + c] = f2bf(acc[g * d + c] * inv);
+                    ((uint16_t *)out)[q0 + j * d + c] = f2bf(acc[j * d + c] * inv);
                 else
-                    ((float *)out)[o + c] = acc[g * d + c] * inv;
+                    ((float *)out)[q0 + j * d + c] = acc[j * d + c] * inv;
             }
         }
     }
