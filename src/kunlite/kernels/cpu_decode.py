@@ -36,6 +36,7 @@ ENV = "KUNLITE_CPU_DECODE"
 SOURCE = Path(__file__).with_name("cpu_decode.c")
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 ACT_NONE, ACT_RMS_NORM, ACT_SILU_GLU = 0, 1, 2
+_DTYPES = (torch.float32, torch.bfloat16)
 
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -123,17 +124,17 @@ def linear(
     eps: float = 0.0,
     glu: bool = False,  # x rows are [gate | up]; the product's input is silu(gate) * up
 ) -> torch.Tensor:  # (M, N) in w's dtype
-    lib = _load()
+    # Called ~120 times a decode step: the checks below (what memory safety needs) cost ~5 us.
+    lib = _lib if _lib is not None else _load()
     if lib is None:
         raise RuntimeError("the CPU decode kernels are not available here; check available() first")
     N, K = w.shape
-    M = x.shape[0]
+    M, width = x.shape
     assert not (glu and norm is not None), "one activation at a time"
     dtype = w.dtype
-    assert x.dtype == dtype and dtype in (torch.float32, torch.bfloat16), f"fp32 or bf16 throughout, got x {x.dtype}, w {w.dtype}"
-    assert x.device.type == w.device.type == "cpu"
-    assert w.is_contiguous(), "W rows must be dense"
-    assert x.dim() == 2 and x.shape[1] == (2 * K if glu else K), f"x {tuple(x.shape)} does not fit W {(N, K)}"
+    assert x.dtype == dtype and dtype in _DTYPES, f"fp32 or bf16 throughout, got x {x.dtype}, w {w.dtype}"
+    assert x.is_cpu and w.is_cpu and w.is_contiguous(), "CPU tensors, W rows dense"
+    assert width == (2 * K if glu else K), f"x {tuple(x.shape)} does not fit W {(N, K)}"
     if x.stride(1) != 1:
         x = x.contiguous()
     for t, shape in ((bias, (N,)), (norm, (K,))):
@@ -144,9 +145,9 @@ def linear(
             residual = residual.contiguous()
     y = torch.empty(M, N, dtype=dtype)  # (M, N)
     act = ACT_SILU_GLU if glu else ACT_RMS_NORM if norm is not None else ACT_NONE
-    fn = lib.kl_gemv_f32 if dtype == torch.float32 else lib.kl_gemv_bf16
+    fn = lib.kl_gemv_f32 if dtype is torch.float32 else lib.kl_gemv_bf16
     rc = fn(w.data_ptr(), x.data_ptr(), y.data_ptr(), _ptr(bias), _ptr(residual), _ptr(norm),
-                         float(eps), act, M, N, K, x.stride(0), N, 0 if residual is None else residual.stride(0))
+            eps, act, M, N, K, x.stride(0), N, 0 if residual is None else residual.stride(0))
     if rc != 0:
         raise MemoryError("CPU decode kernel: no memory for the activation buffer")
     return y
@@ -154,8 +155,7 @@ def linear(
 
 def supports_attention(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
     """Whether `paged_decode_attention` takes these operands (else use torch's path)."""
-    return (q.dtype == kv_cache.dtype and q.dtype in (torch.float32, torch.bfloat16)
-            and q.device.type == kv_cache.device.type == "cpu"
+    return (q.dtype == kv_cache.dtype and q.dtype in _DTYPES and q.is_cpu and kv_cache.is_cpu
             and kv_cache.is_contiguous() and q.shape[-1] % 8 == 0 and available())
 
 
