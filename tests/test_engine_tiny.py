@@ -117,9 +117,9 @@ def test_triton_backend_gives_the_torch_backends_tokens(tiny_root: Path, variant
 
 @pytest.mark.parametrize("variant", ["llama-gqa-tied", "qwen2-bias"])
 def test_bf16_is_as_close_to_fp32_as_hf_bf16(tiny_root: Path, variant: str, products: str) -> None:
-    """bf16 on CPU (native kernels from 2 rows, torch's bf16 product for 1, the widened fp32
-    product for long prefills) against HF in fp32, measured against HF's own bf16 error on the
-    same tokens: rounding differs, so ours may be somewhat worse, but a broken path is far off."""
+    """bf16 on CPU (native kernels up to 32 rows, the widened fp32 product for longer prefills)
+    against HF in fp32, measured against HF's own bf16 error on the same tokens: rounding
+    differs, so ours may be somewhat worse, but a broken path is far off."""
     import copy
 
     path = make_tiny_model(tiny_root, variant)

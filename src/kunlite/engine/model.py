@@ -96,7 +96,7 @@ class Rope:
 class Linear:
     """The model's matrix products, with two CPU paths where torch's is slow.
 
-    - fp32 or bf16 weights, up to `native_max_rows` rows (decode; bf16 from 2 rows):
+    - fp32 or bf16 weights, up to `native_max_rows` rows (decode):
       `kernels.cpu_decode`, which streams fp32 weights at about twice the rate of torch's (MKL) matrix-vector product on AMD
       CPUs, widens bf16 in registers instead of into the scratch buffer, and fuses the RMS norm
       before a projection and the SiLU-GLU before the down projection.
@@ -115,9 +115,7 @@ class Linear:
         self.min_rows = upcast_min_rows
         self.scratch = torch.empty(max_numel if self.upcast else 0, dtype=torch.float32)  # (max_numel,)
         native = self.cpu and dtype in (torch.float32, torch.bfloat16) and cpu_decode.available()
-        # Row counts that take the native kernels. A single bf16 row stays with torch, whose bf16
-        # matrix-vector product streams faster than the kernel's (26.5 vs 35.7 ms per step here).
-        self.native_rows = range(2 if dtype == torch.bfloat16 else 1, native_max_rows + 1) if native else range(0)
+        self.native_rows = range(1, native_max_rows + 1) if native else range(0)  # rows that take them
         self.native_norm = native
 
     def wide(self, x: torch.Tensor, w: torch.Tensor, *, chunk_rows: int = 4096) -> torch.Tensor:
@@ -152,8 +150,8 @@ class Linear:
         return self(self.rms_norm(x, norm, eps), w, b)
 
     def rms_norm(self, x: torch.Tensor, norm: torch.Tensor, eps: float) -> torch.Tensor:
-        """x: (M, K), norm: (K,) -> (M, K). A few rows (a bf16 decode row, whose product stays
-        torch's) take the native kernel: torch's bf16 rms_norm is ~10 ops, 58 us a row here."""
+        """x: (M, K), norm: (K,) -> (M, K). A few rows take the native kernel: torch's bf16
+        rms_norm is ~10 ops, 58 us a row here."""
         if self.native_norm and x.shape[0] <= 4:
             return cpu_decode.rms_norm(x, norm, eps)
         return F.rms_norm(x, (x.shape[1],), norm, eps)

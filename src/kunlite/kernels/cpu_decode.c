@@ -119,6 +119,34 @@ static inline __attribute__((always_inline)) void tile(const float *const *w, co
     }
 }
 
+/* Up to 4 x rows: one W row at a time, so each thread streams one contiguous range of W front to
+ * back. Here that reads 33-44 GB/s; the tiles' 8 interleaved row streams per thread, ~25. From 6
+ * rows on, the tiles' register reuse wins (measured at 2..16 rows). */
+static void rows_f32(const float *W, const float *X, long ldx, float *Y, long ldy, const float *bias,
+                     const float *R, long ldr, long M, long N, long K) {
+#pragma omp parallel for schedule(static)
+    for (long n = 0; n < N; n++) {
+        const float *w = W + n * K;
+        for (long m = 0; m < M; m++) { /* the row is in L1 for m > 0 */
+            const float *x = X + m * ldx;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            long k = 0;
+            for (; k + 32 <= K; k += 32) {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+            }
+            for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+            float v = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+            for (; k < K; k++) v += w[k] * x[k];
+            if (bias) v += bias[n];
+            if (R) v += R[m * ldr + n];
+            Y[m * ldy + n] = v;
+        }
+    }
+}
+
 /* Returns 0, or -1 when the (M, K) activation buffer cannot be allocated. */
 int kl_gemv_f32(const float *W, const float *X, float *Y, const float *bias, const float *R,
                 const float *g, float eps, int act, long M, long N, long K, long ldx, long ldy, long ldr) {
@@ -129,6 +157,11 @@ int kl_gemv_f32(const float *W, const float *X, float *Y, const float *bias, con
         activate(X, A, g, eps, act, M, K, ldx);
         X = A;
         ldx = K;
+    }
+    if (M <= 4) {
+        rows_f32(W, X, ldx, Y, ldy, bias, R, ldr, M, N, K);
+        free(A);
+        return 0;
     }
     const long blocks = (N + 7) / 8;
 #pragma omp parallel for schedule(static)
@@ -300,12 +333,50 @@ static inline __attribute__((always_inline)) void tile_bf16(const uint16_t *cons
     }
 }
 
+/* Up to 4 x rows, one W row at a time (see rows_f32). */
+static void rows_bf16(const uint16_t *W, const float *A, uint16_t *Y, long ldy, const uint16_t *bias,
+                      const uint16_t *R, long ldr, long M, long N, long K) {
+    const __m256i odd = _mm256_set1_epi32((int)0xffff0000u);
+#pragma omp parallel for schedule(static)
+    for (long n = 0; n < N; n++) {
+        const uint16_t *w = W + n * K;
+        for (long m = 0; m < M; m++) {
+            const float *a = A + m * K;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            long k = 0;
+            for (; k + 32 <= K; k += 32) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(w + k));
+                const __m256i u = _mm256_loadu_si256((const __m256i *)(w + k + 16));
+                a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), _mm256_loadu_ps(a + k), a0);
+                a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, odd)), _mm256_loadu_ps(a + k + 8), a1);
+                a2 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(u, 16)), _mm256_loadu_ps(a + k + 16), a2);
+                a3 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(u, odd)), _mm256_loadu_ps(a + k + 24), a3);
+            }
+            for (; k + 16 <= K; k += 16) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(w + k));
+                a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), _mm256_loadu_ps(a + k), a0);
+                a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, odd)), _mm256_loadu_ps(a + k + 8), a1);
+            }
+            float v = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+            for (; k < K; k++) v += bf2f(w[k]) * a[k];
+            if (bias) v += bf2f(bias[n]);
+            if (R) v += bf2f(R[m * ldr + n]);
+            Y[m * ldy + n] = f2bf(v);
+        }
+    }
+}
+
 /* Returns 0, or -1 when the (M, K) fp32 buffer cannot be allocated. */
 int kl_gemv_bf16(const uint16_t *W, const uint16_t *X, uint16_t *Y, const uint16_t *bias, const uint16_t *R,
                  const uint16_t *g, float eps, int act, long M, long N, long K, long ldx, long ldy, long ldr) {
     float *A = aligned_alloc(32, ((M * K * sizeof(float)) + 31) / 32 * 32);
     if (!A) return -1;
     activate_bf16(X, A, g, eps, act, M, K, ldx);
+    if (M <= 4) {
+        rows_bf16(W, A, Y, ldy, bias, R, ldr, M, N, K);
+        free(A);
+        return 0;
+    }
     const long blocks = (N + 7) / 8;
 #pragma omp parallel for schedule(static)
     for (long blk = 0; blk < blocks; blk++) {
