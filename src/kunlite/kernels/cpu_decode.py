@@ -98,7 +98,7 @@ def _load() -> ctypes.CDLL | None:
     attn = lib.kl_paged_decode
     attn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p] + \
         [ctypes.c_long] * 5 + [ctypes.c_float, ctypes.c_int]
-    attn.restype = None
+    attn.restype = ctypes.c_int
     lib.kl_rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_float, ctypes.c_int]
     lib.kl_rms_norm.restype = None
     _lib = lib
@@ -179,9 +179,11 @@ def paged_decode_attention(
         page_table = page_table.contiguous()
     seq_lens, q = seq_lens.contiguous(), q.contiguous()
     out = torch.empty_like(q)  # (B, H_q, d)
-    lib.kl_paged_decode(q.data_ptr(), kv_cache.data_ptr(), page_table.data_ptr(), page_table.stride(0),
-                        seq_lens.data_ptr(), out.data_ptr(), B, hq, hkv, d, ps, float(scale),
-                        int(q.dtype == torch.bfloat16))
+    rc = lib.kl_paged_decode(q.data_ptr(), kv_cache.data_ptr(), page_table.data_ptr(), page_table.stride(0),
+                             seq_lens.data_ptr(), out.data_ptr(), B, hq, hkv, d, ps, float(scale),
+                             int(q.dtype == torch.bfloat16))
+    if rc != 0:
+        raise MemoryError("CPU decode attention: no memory for the split-KV state")
     return out
 
 
