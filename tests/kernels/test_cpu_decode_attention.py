@@ -1,4 +1,4 @@
-"""The CPU paged decode attention (kernels/cpu_decode.c, fp32 and bf16) against the torch reference
+"""The CPU paged decode attention (kernels/cpu_decode_attention.c, fp32 and bf16) against the torch reference
 in fp64.
 
 Pages are scattered over the pool and shuffled per sequence, lengths fall on and off page

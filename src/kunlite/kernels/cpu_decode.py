@@ -1,8 +1,9 @@
-"""The CPU decode path's kernels, from `cpu_decode.c`, built on first use.
+"""The CPU decode path's kernels, from `cpu_decode_linear.c` and `cpu_decode_attention.c`
+(helpers in `cpu_decode.h`), built on first use.
 
-The C file is compiled with the system C compiler (`$CC`, else `cc`) into
+The C files are compiled with the system C compiler (`$CC`, else `cc`) into one library in
 `$KUNLITE_HOME/build/` the first time it is needed (about a second), named by a hash of the
-source and flags so that an edit rebuilds it; the build is written to a temporary name and
+sources and flags so that an edit rebuilds it; the build is written to a temporary name and
 renamed, so a crash never leaves a half-written library. Without a compiler, off x86-64, on a
 CPU without AVX2/FMA, or with `KUNLITE_CPU_DECODE=0`, `available()` is False and callers keep
 torch's path.
@@ -33,7 +34,8 @@ import torch
 log = logging.getLogger(__name__)
 
 ENV = "KUNLITE_CPU_DECODE"
-SOURCE = Path(__file__).with_name("cpu_decode.c")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "cpu_decode.h", HERE / "cpu_decode_linear.c", HERE / "cpu_decode_attention.c")
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 ACT_NONE, ACT_RMS_NORM, ACT_SILU_GLU = 0, 1, 2
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -60,8 +62,8 @@ def build(build_dir: Path | None = None) -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (set CC, or install gcc)")
-    source = SOURCE.read_bytes()
-    digest = hashlib.blake2b(source + " ".join((cc, *CFLAGS)).encode(), digest_size=8).hexdigest()
+    blob = b"".join(p.name.encode() + p.read_bytes() for p in SOURCES)
+    digest = hashlib.blake2b(blob + " ".join((cc, *CFLAGS)).encode(), digest_size=8).hexdigest()
     target = build_dir / f"cpu_decode-{digest}.so"
     if target.exists():
         return target
@@ -69,9 +71,11 @@ def build(build_dir: Path | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=build_dir)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        c_files = [str(p) for p in SOURCES if p.suffix == ".c"]
+        include = f"-I{SOURCES[0].parent}"
+        proc = subprocess.run([cc, *CFLAGS, include, *c_files, "-o", tmp, "-lm"], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {proc.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{cc} failed on {', '.join(p.name for p in SOURCES)}: {proc.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
