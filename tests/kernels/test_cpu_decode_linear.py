@@ -100,3 +100,17 @@ def test_an_edit_to_the_source_rebuilds(tmp_path, monkeypatch) -> None:
     second = cpu_decode.build(tmp_path)
     assert second != first and second.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("tmp")]  # no half-written files
+
+
+@settings(max_examples=30, deadline=None)
+@given(m=st.integers(1, 6), k=st.integers(1, 700), pad=st.integers(0, 3),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**31 - 1))
+def test_rms_norm_matches_fp64(m: int, k: int, pad: int, dtype: torch.dtype, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(m, k + pad, generator=g) * 4).to(dtype)[:, pad:]  # (M, K), strided rows
+    w = torch.randn(k, generator=g).to(dtype)  # (K,)
+    want = F.rms_norm(x.double(), (k,), w.double(), 1e-6)
+    y = cpu_decode.rms_norm(x, w, 1e-6)
+    assert y.dtype == dtype and y.shape == (m, k)
+    atol, rtol = (1e-6, 1e-5) if dtype == torch.float32 else (1e-3, 2 ** -8)
+    torch.testing.assert_close(y.double(), want, atol=atol, rtol=rtol)
