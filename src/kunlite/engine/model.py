@@ -116,7 +116,6 @@ class Linear:
         self.scratch = torch.empty(max_numel if self.upcast else 0, dtype=torch.float32)  # (max_numel,)
         native = self.cpu and dtype in (torch.float32, torch.bfloat16) and cpu_decode.available()
         self.native_rows = range(1, native_max_rows + 1) if native else range(0)  # rows that take them
-        self.native_norm = native
 
     def wide(self, x: torch.Tensor, w: torch.Tensor, *, chunk_rows: int = 4096) -> torch.Tensor:
         """x @ w.T for a tall w (the LM head: V rows): on CPU, in row chunks, each fits in cache
@@ -152,7 +151,7 @@ class Linear:
     def rms_norm(self, x: torch.Tensor, norm: torch.Tensor, eps: float) -> torch.Tensor:
         """x: (M, K), norm: (K,) -> (M, K). A few rows take the native kernel: torch's bf16
         rms_norm is ~10 ops, 58 us a row here."""
-        if self.native_norm and x.shape[0] <= 4:
+        if self.native_rows and x.shape[0] <= 4:
             return cpu_decode.rms_norm(x, norm, eps)
         return F.rms_norm(x, (x.shape[1],), norm, eps)
 

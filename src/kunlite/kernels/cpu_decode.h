@@ -1,5 +1,5 @@
 /* Helpers shared by the CPU decode kernels (cpu_decode_linear.c, cpu_decode_attention.c):
- * bf16 <-> fp32, 8-lane loads of either, a horizontal sum and an 8-lane exp. AVX2 + FMA. */
+ * bf16 <-> fp32, scalar and 8-lane loads of either, a horizontal sum and an 8-lane exp. AVX2 + FMA. */
 #ifndef KUNLITE_CPU_DECODE_H
 #define KUNLITE_CPU_DECODE_H
 
@@ -19,6 +19,11 @@ static inline uint16_t f2bf(float f) {
     union { float f; uint32_t u; } c = {f};
     if ((c.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((c.u >> 16) | 0x40); /* quiet NaN */
     return (uint16_t)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
+}
+
+/* Value i of an fp32 or bf16 row, as fp32. */
+static inline float ld1(const void *row, long i, int bf16) {
+    return bf16 ? bf2f(((const uint16_t *)row)[i]) : ((const float *)row)[i];
 }
 
 /* 8 consecutive values of an fp32 or bf16 row, as fp32. */

@@ -19,25 +19,27 @@
 
 enum { ACT_NONE = 0, ACT_RMS_NORM = 1, ACT_SILU_GLU = 2 };
 
+/* act of one fp32 or bf16 row x (2K wide for SiLU-GLU) into K fp32 values: the one place the
+ * norm and GLU arithmetic is written (the products' inputs and kl_rms_norm share it). */
+static void activate_row(const void *x, const void *g, float eps, int act, long K, int bf16, float *out) {
+    if (act == ACT_RMS_NORM) {
+        double ss = 0.0;
+        for (long k = 0; k < K; k++) ss += (double)ld1(x, k, bf16) * ld1(x, k, bf16);
+        const float r = 1.0f / sqrtf((float)(ss / K) + eps);
+        for (long k = 0; k < K; k++) out[k] = ld1(g, k, bf16) * (ld1(x, k, bf16) * r);
+    } else if (act == ACT_SILU_GLU) {
+        for (long k = 0; k < K; k++) {
+            const float gate = ld1(x, k, bf16);
+            out[k] = gate / (1.0f + expf(-gate)) * ld1(x, K + k, bf16);
+        }
+    } else {
+        for (long k = 0; k < K; k++) out[k] = ld1(x, k, bf16);
+    }
+}
+
 /* act(X) into a dense (M, K) buffer. */
 static void activate(const float *X, float *A, const float *g, float eps, int act, long M, long K, long ldx) {
-    for (long m = 0; m < M; m++) {
-        const float *x = X + m * ldx;
-        float *a = A + m * K;
-        if (act == ACT_RMS_NORM) {
-            double ss = 0.0;
-            for (long k = 0; k < K; k++) ss += (double)x[k] * x[k];
-            float r = 1.0f / sqrtf((float)(ss / K) + eps);
-            for (long k = 0; k < K; k++) a[k] = g[k] * (x[k] * r);
-        } else if (act == ACT_SILU_GLU) {
-            for (long k = 0; k < K; k++) {
-                float gate = x[k];
-                a[k] = gate / (1.0f + expf(-gate)) * x[K + k];
-            }
-        } else {
-            memcpy(a, x, K * sizeof(float));
-        }
-    }
+    for (long m = 0; m < M; m++) activate_row(X + m * ldx, g, eps, act, K, 0, A + m * K);
 }
 
 /* Dot products of nr W rows with mr x rows, epilogue included; nr * mr <= 12 accumulators stay
@@ -147,20 +149,7 @@ static void activate_bf16(const uint16_t *X, float *A, const uint16_t *g, float 
                           long ldx) {
     float row[K];
     for (long m = 0; m < M; m++) {
-        const uint16_t *x = X + m * ldx;
-        if (act == ACT_RMS_NORM) {
-            double ss = 0.0;
-            for (long k = 0; k < K; k++) ss += (double)bf2f(x[k]) * bf2f(x[k]);
-            float r = 1.0f / sqrtf((float)(ss / K) + eps);
-            for (long k = 0; k < K; k++) row[k] = bf2f(g[k]) * (bf2f(x[k]) * r);
-        } else if (act == ACT_SILU_GLU) {
-            for (long k = 0; k < K; k++) {
-                float gate = bf2f(x[k]);
-                row[k] = gate / (1.0f + expf(-gate)) * bf2f(x[K + k]);
-            }
-        } else {
-            for (long k = 0; k < K; k++) row[k] = bf2f(x[k]);
-        }
+        activate_row(X + m * ldx, g, eps, act, K, 1, row);
         float *a = A + m * K;
         long k = 0;
         for (; k + 16 <= K; k += 16)
@@ -268,18 +257,14 @@ int kl_gemv_bf16(const uint16_t *W, const uint16_t *X, uint16_t *Y, const uint16
 /* RMS norm of M rows, fp32 or bf16 throughout: y = g * (x / sqrt(mean(x^2) + eps)), the sum of
  * squares in double, one rounding. For a bf16 row, torch's rms_norm is ~10 ops of ~5 us each. */
 void kl_rms_norm(const void *X, const void *g, void *Y, long M, long K, long ldx, float eps, int bf16) {
+    float row[K];
     for (long m = 0; m < M; m++) {
-        double ss = 0.0;
-        for (long k = 0; k < K; k++) {
-            const float v = bf16 ? bf2f(((const uint16_t *)X)[m * ldx + k]) : ((const float *)X)[m * ldx + k];
-            ss += (double)v * v;
-        }
-        const float r = 1.0f / sqrtf((float)(ss / K) + eps);
+        activate_row((const char *)X + m * ldx * (bf16 ? 2 : 4), g, eps, ACT_RMS_NORM, K, bf16, row);
         for (long k = 0; k < K; k++) {
             if (bf16)
-                ((uint16_t *)Y)[m * K + k] = f2bf(bf2f(((const uint16_t *)g)[k]) * (bf2f(((const uint16_t *)X)[m * ldx + k]) * r));
+                ((uint16_t *)Y)[m * K + k] = f2bf(row[k]);
             else
-                ((float *)Y)[m * K + k] = ((const float *)g)[k] * (((const float *)X)[m * ldx + k] * r);
+                ((float *)Y)[m * K + k] = row[k];
         }
     }
 }
