@@ -75,6 +75,19 @@ def test_matches_fp64_reference(m: int, n: int, k: int, act: str, with_bias: boo
     torch.testing.assert_close(x, x_before, atol=0, rtol=0)  # inputs are read, never written
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_glu_saturates_cleanly(dtype: torch.dtype) -> None:
+    """Gates far beyond exp's range (|gate| up to 200): silu(gate) -> gate or -0, never NaN/inf.
+    W = I, so each output is silu(gate) * 1, vector lanes and the scalar tail (K = 43)."""
+    k = 43
+    gate = torch.linspace(-200, 200, k).to(dtype)  # (K,)
+    x = torch.cat([gate, torch.ones(k, dtype=dtype)]).repeat(6, 1)  # (6, 2K): the tile path
+    y = cpu_decode.linear(x, torch.eye(k, dtype=dtype), glu=True)  # (6, K)
+    want = F.silu(gate.double()).expand(6, k)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.double(), want, atol=1e-6, rtol=1e-5 if dtype == torch.float32 else 2 ** -8)
+
+
 def test_rejects_what_it_cannot_compute() -> None:
     w = torch.randn(8, 16)
     with pytest.raises(AssertionError, match="fp32 or bf16 throughout"):

@@ -20,17 +20,38 @@
 enum { ACT_NONE = 0, ACT_RMS_NORM = 1, ACT_SILU_GLU = 2 };
 
 /* act of one fp32 or bf16 row x (2K wide for SiLU-GLU) into K fp32 values: the one place the
- * norm and GLU arithmetic is written (the products' inputs and kl_rms_norm share it). */
+ * norm and GLU arithmetic is written (the products' inputs and kl_rms_norm share it). 8 lanes at
+ * a time, the tail one by one with the same operations; the sum of squares in double. */
 static void activate_row(const void *x, const void *g, float eps, int act, long K, int bf16, float *out) {
+    const long K8 = K / 8 * 8;
     if (act == ACT_RMS_NORM) {
-        double ss = 0.0;
-        for (long k = 0; k < K; k++) ss += (double)ld1(x, k, bf16) * ld1(x, k, bf16);
+        __m256d s0 = _mm256_setzero_pd(), s1 = s0;
+        for (long k = 0; k < K8; k += 8) {
+            const __m256 v = load8(x, k, bf16);
+            const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+            s0 = _mm256_fmadd_pd(lo, lo, s0);
+            s1 = _mm256_fmadd_pd(hi, hi, s1);
+        }
+        double part[4], ss = 0.0;
+        _mm256_storeu_pd(part, _mm256_add_pd(s0, s1));
+        ss = (part[0] + part[1]) + (part[2] + part[3]);
+        for (long k = K8; k < K; k++) ss += (double)ld1(x, k, bf16) * ld1(x, k, bf16);
         const float r = 1.0f / sqrtf((float)(ss / K) + eps);
-        for (long k = 0; k < K; k++) out[k] = ld1(g, k, bf16) * (ld1(x, k, bf16) * r);
+        const __m256 rv = _mm256_set1_ps(r);
+        for (long k = 0; k < K8; k += 8)
+            _mm256_storeu_ps(out + k, _mm256_mul_ps(load8(g, k, bf16), _mm256_mul_ps(load8(x, k, bf16), rv)));
+        for (long k = K8; k < K; k++) out[k] = ld1(g, k, bf16) * (ld1(x, k, bf16) * r);
     } else if (act == ACT_SILU_GLU) {
-        for (long k = 0; k < K; k++) {
+        /* silu(gate) = gate / (1 + e^-gate); e^-gate capped at e^88 (finite: silu -> -0) */
+        const __m256 one = _mm256_set1_ps(1.0f), cap = _mm256_set1_ps(88.0f);
+        for (long k = 0; k < K8; k += 8) {
+            const __m256 gate = load8(x, k, bf16);
+            const __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), gate), cap));
+            _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_div_ps(gate, _mm256_add_ps(one, e)), load8(x, K + k, bf16)));
+        }
+        for (long k = K8; k < K; k++) {
             const float gate = ld1(x, k, bf16);
-            out[k] = gate / (1.0f + expf(-gate)) * ld1(x, K + k, bf16);
+            out[k] = gate / (1.0f + expf(fminf(-gate, 88.0f))) * ld1(x, K + k, bf16);
         }
     } else {
         for (long k = 0; k < K; k++) out[k] = ld1(x, k, bf16);
