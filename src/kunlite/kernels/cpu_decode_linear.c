@@ -144,10 +144,16 @@ int kl_gemv_f32(const float *W, const float *X, float *Y, const float *bias, con
         const float *w[8];
         for (long i = 0; i < 8; i++) w[i] = W + (n0 + (i < nn ? i : 0)) * K;
         const long lo = nn < 4 ? nn : 4, hi = nn - lo; /* rows in the two halves */
-        /* The 8 rows are read from memory once and stay in L1 for every group of x rows: in
-         * threes against each half (12 accumulators), then one at a time against all 8. */
+        /* The 8 rows are read from memory once (into L2 while the block before them computes:
+         * without that, 16 rows with weights from memory ran at 60-65 GF/s here, with it 83-99,
+         * as fast as from cache)
+         * and stay in L1 for every group of x rows: in threes against each half (12
+         * accumulators), then one at a time against all 8. */
+        const char *next = blk + 1 < blocks ? (const char *)(W + (n0 + 8) * K) : NULL;
+        const long nnext = N - n0 - 8 < 8 ? N - n0 - 8 : 8;
         long m = 0;
         for (; m + 3 <= M; m += 3) {
+            prefetch_part(next, nnext * K * 4, m / 3, M / 3);
             tile(w, 4, lo, X, ldx, m, 3, n0, K, Y, ldy, bias, R, ldr);
             if (hi > 0) tile(w + 4, 4, hi, X, ldx, m, 3, n0 + 4, K, Y, ldy, bias, R, ldr);
         }
@@ -264,8 +270,11 @@ int kl_gemv_bf16(const uint16_t *W, const uint16_t *X, uint16_t *Y, const uint16
         const uint16_t *w[8];
         for (long i = 0; i < 8; i++) w[i] = W + (n0 + (i < nn ? i : 0)) * K;
         const long lo = nn < 4 ? nn : 4, hi = nn - lo;
+        const char *next = blk + 1 < blocks ? (const char *)(W + (n0 + 8) * K) : NULL;
+        const long nnext = N - n0 - 8 < 8 ? N - n0 - 8 : 8;
         long m = 0;
         for (; m + 2 <= M; m += 2) {
+            prefetch_part(next, nnext * K * 2, m / 2, M / 2);
             tile_bf16(w, 4, lo, A, m, 2, n0, K, Y, ldy, bias, R, ldr);
             if (hi > 0) tile_bf16(w + 4, 4, hi, A, m, 2, n0 + 4, K, Y, ldy, bias, R, ldr);
         }
