@@ -33,7 +33,6 @@ static inline __attribute__((always_inline)) void attend(const float *qb, const 
         const long p0 = pg * ps, n = S - p0 < ps ? S - p0 : ps;
         const char *K = (const char *)kv + (long)pages[pg] * 2 * ps * row * esize;
         const char *V = K + ps * row * esize;
-        const char *next = pg + 1 < pg1 ? (const char *)kv + (long)pages[pg + 1] * 2 * ps * row * esize : NULL;
         for (long t0 = 0; t0 < n; t0 += 8)
             for (long j = 0; j < Hq; j++) {
                 const char *kr[8];
@@ -59,7 +58,6 @@ static inline __attribute__((always_inline)) void attend(const float *qb, const 
             for (long t = 0; t < n; t += 8)
                 _mm256_storeu_ps(sj + t, exp8(_mm256_sub_ps(_mm256_loadu_ps(sj + t), _mm256_set1_ps(mx))));
             for (long t = 0; t < n; t++) l[j] += sj[t];
-            prefetch_part(next, 2 * ps * row * esize, j, Hq); /* the next page, under this one's work */
             const char *vh = V + (j / G) * d * esize;
             for (long c0 = 0; c0 < D8; c0 += 8) {
                 const long cn = D8 - c0 < 8 ? D8 - c0 : 8;
