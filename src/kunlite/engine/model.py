@@ -97,9 +97,10 @@ class Linear:
     """The model's matrix products, with two CPU paths where torch's is slow.
 
     - fp32 or bf16 weights, up to `native_max_rows` rows (decode):
-      `kernels.cpu_decode`, which streams fp32 weights at about twice the rate of torch's (MKL) matrix-vector product on AMD
-      CPUs, widens bf16 in registers instead of into the scratch buffer, and fuses the RMS norm
-      before a projection and the SiLU-GLU before the down projection.
+      `kernels.cpu_decode`, which streams fp32 weights at about twice the rate of torch's (MKL)
+      matrix-vector product on AMD CPUs, widens bf16 in registers instead of into the scratch
+      buffer, and fuses the RMS norm before a projection and the SiLU-GLU before the down
+      projection.
     - half-precision weights on processors without bf16 units: a bf16 matrix-vector product
       streams the weights well, but a bf16 matrix product runs at a fraction of fp32's rate. So
       once a batch has `upcast_min_rows` rows, the weight is widened into an fp32 scratch buffer

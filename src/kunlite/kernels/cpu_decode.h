@@ -59,14 +59,4 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-/* Prefetch into L2 part g of `groups` equal parts of the `bytes` from p (nothing when p is NULL):
- * the data the next piece of work reads, spread over the pieces of this one, so the memory
- * traffic runs under their arithmetic. Prefetching into L1, or all at once, gained nothing here. */
-static inline void prefetch_part(const void *p, long bytes, long g, long groups) {
-    if (!p) return;
-    const long lines = (bytes + 63) / 64, per = (lines + groups - 1) / groups;
-    const long l1 = (g + 1) * per < lines ? (g + 1) * per : lines;
-    for (long l = g * per; l < l1; l++) _mm_prefetch((const char *)p + 64 * l, _MM_HINT_T1);
-}
-
 #endif

@@ -10,8 +10,9 @@ of single-token K or V entries: the key of position s in page p is row p * 2ps +
 value row that + ps. Writing and gathering by row numbers makes each a single index op, and the
 row numbers of every layer are derived once per step (the CPU pays per op, not per byte, here).
 
-On a CPU pool (fp32 or bf16), where `kernels.cpu_decode` builds, decodes instead read their pages in place
-with its native kernel (no gather, no SDPA call); the functions here stay the reference.
+On a CPU pool (fp32 or bf16), where `kernels.cpu_decode` builds, decodes instead read their
+pages in place with its native kernel (no gather, no SDPA call); the functions here stay the
+reference.
 """
 
 from __future__ import annotations
