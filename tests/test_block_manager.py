@@ -1,5 +1,5 @@
 """Block manager: exact block ids on tiny pools, and a hypothesis state machine over allocate,
-append, fork, free, preempt, drop and restore.
+append, fork, free, preempt, drop, restore, changes of the local layer range and trims.
 
 The state machine keeps a model of what every page holds. The "KV" a block must hold is a pure
 function of the sequence's tokens up to the end of that block and of the layer, so a prefix-cache
@@ -115,6 +115,44 @@ def test_reclaim_moves_live_kv_off_the_pages() -> None:
     assert not kv.can_reclaim(range(0, L))  # every block is used: nowhere to move
 
 
+def test_a_change_of_layers_keeps_old_rows_and_new_blocks_cover_the_new_range() -> None:
+    kv = manager(4 * L)  # 4 blocks of layers [0, 3)
+    kv.allocate("old", 2 * PS)  # blocks 0, 1: pages 0..5
+    kv.set_layers((0, 2))  # this device now runs layers 0 and 1 only
+    # The two free blocks (pages 6..11) became three blocks of two pages.
+    assert kv.num_free_blocks == 3 and kv.layers_per_block == 2
+    assert [kv.pages_of(b) for b in kv.tables["old"]] == [[(0, 0), (1, 1), (2, 2)], [(0, 3), (1, 4), (2, 5)]]
+    new = kv.allocate("new", PS)
+    assert kv.pages_of(new[0]) == [(0, 6), (1, 7)] and kv.block_pages[new[0], 2] == -1
+    # The old sequence keeps growing in its own range, from spare pages and dissolved free blocks.
+    assert kv.can_allocate("old", 3 * PS)
+    grown = kv.allocate("old", 3 * PS)
+    assert kv.width(grown[0]) == 3 and kv.seq_range("old") == (0, 3)
+    kv.check()
+    # Once another device holds layer 2, the old rows give that page back.
+    assert kv.trim("old", (0, 2)) == 3
+    assert kv.seq_range("old") == (0, 2) and kv.num_kv_pages == 4 * L
+    kv.check()
+    kv.free("old")
+    kv.free("new")
+    assert kv.num_used_pages == 0 and kv.num_free_blocks == 6
+    kv.check()
+
+
+def test_trim_leaves_shared_blocks_whole() -> None:
+    kv = manager(4 * L)
+    kv.allocate("a", 2 * PS)
+    kv.fork("a", "b", 2 * PS)  # both blocks shared
+    kv.set_layers((1, 3))
+    assert kv.trim("a", (1, 3)) == 0  # still needed by b
+    kv.free("b")
+    assert kv.trim("a", (1, 3)) == 2
+    assert kv.seq_range("a") == (1, 3)
+    with pytest.raises(BlockManagerError):
+        kv.trim("a", (0, 3))  # widening is not trimming
+    kv.check()
+
+
 # ---------------------------------------------------------------- the state machine
 
 # Shared prefixes (hits), and an identical block after different prefixes (must not hit).
@@ -142,8 +180,8 @@ class BlockMachine(RuleBasedStateMachine):
         table = self.kv.tables[sid]
         for i in range(s["computed"] // PS, -(-new_computed // PS)):
             upto = min(new_computed, (i + 1) * PS)
-            for layer, page in enumerate(self.kv.block_pages[table[i]]):
-                self.content[int(page)] = kv_value(s["tokens"][:upto], layer)
+            for layer, page in self.kv.pages_of(table[i]):
+                self.content[page] = kv_value(s["tokens"][:upto], layer)
         s["computed"] = new_computed
         self.kv.cache_full_blocks(sid, s["tokens"], new_computed)
 
@@ -212,6 +250,18 @@ class BlockMachine(RuleBasedStateMachine):
             self.content[p] = "weights"
         self.dropped.discard(group)
 
+    @rule(layers=st.sampled_from([(0, 3), (0, 2), (1, 3), (2, 3)]))
+    def change_layers(self, layers: tuple[int, int]) -> None:
+        self.kv.set_layers(layers)
+
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data())
+    def trim(self, data) -> None:
+        sid = data.draw(st.sampled_from(sorted(self.seqs)))
+        rng, cur = self.kv.seq_range(sid), self.kv.layers
+        if rng is not None and rng[0] <= cur[0] and cur[1] <= rng[1]:
+            self.kv.trim(sid, cur)
+
     @invariant()
     def accounting_is_exact(self) -> None:
         kv = self.kv
@@ -227,10 +277,10 @@ class BlockMachine(RuleBasedStateMachine):
             table = self.kv.tables[sid]
             for i in range(-(-s["computed"] // PS)):
                 upto = min(s["computed"], (i + 1) * PS)
-                for layer, page in enumerate(self.kv.block_pages[table[i]]):
-                    assert self.content.get(int(page)) == kv_value(s["tokens"][:upto], layer), (sid, i, layer)
+                for layer, page in self.kv.pages_of(table[i]):
+                    assert self.content.get(page) == kv_value(s["tokens"][:upto], layer), (sid, i, layer)
             for b in table:
-                for page in self.kv.block_pages[b]:
+                for _, page in self.kv.pages_of(b):
                     assert not any(int(page) in self.groups[g] for g in set(self.groups) - self.dropped)
 
 

@@ -38,8 +38,8 @@ def run_engine(model_dir: Path, prompt_ids: list[list[int]], **opts) -> tuple[li
     options.update(opts)
     core = EngineCore(EngineOptions(model=str(model_dir), **options).build())
     seen: list[torch.Tensor] = []
-    execute = core.runner.execute
-    core.runner.execute = lambda inputs: seen.append(execute(inputs)) or seen[-1]  # type: ignore[method-assign]
+    forward = core.runner.forward
+    core.runner.forward = lambda inputs, hidden=None: seen.append(forward(inputs, hidden)) or seen[-1]  # type: ignore[method-assign]
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     for i, p in enumerate(prompt_ids):
         core.add_request(EngineRequest(f"r{i}", p, params, time.time()))

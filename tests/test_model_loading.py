@@ -15,11 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kunlite.config import ConfigError
+from kunlite.config import ConfigError, SchedulerConfig
 from kunlite.engine.args import EngineOptions
 from kunlite.engine.block_manager import BlockManager
+from kunlite.engine.instance import Instance, Member
+from kunlite.engine.messages import EngineRequest
+from kunlite.engine.preemption import RecomputePolicy
 from kunlite.engine.runner import ModelRunner
-from kunlite.engine.sequence import Sequence
+from kunlite.engine.work import StageWork
 from kunlite.sampling_params import SamplingParams
 from tiny_models import hf_model, make_tiny_model
 
@@ -87,18 +90,20 @@ def test_two_layer_ranges_chained_equal_the_whole_model(tiny_root: Path, split: 
     assert first.pool.param_pages + second.pool.param_pages <= whole.pool.param_pages + 2
 
     prompt = [5, 17, 33, 2, 90, 11, 7]
-    runners = (whole, first, second)
-    kvs = [r.new_block_manager() for r in runners]
-    seqs = [Sequence(seq_id="s", request_id="s", index=0, prompt_token_ids=prompt,
-                     params=SamplingParams(), arrival_time=time.time()) for _ in runners]
-    for kv, s in zip(kvs, seqs):
-        kv.allocate("s", len(prompt))
-    steps = [r.prepare([(s, len(prompt))], kv) for r, s, kv in zip(runners, seqs, kvs)]
-    want = whole.execute(steps[0])  # (1, V)
-    with torch.inference_mode():
-        hidden = first.model.forward(steps[1].inputs, steps[1].positions, steps[1].meta)  # (T, h)
-        out = second.model.forward(hidden, steps[2].positions, steps[2].meta)  # (T, h)
-        got = second.model.logits(out[steps[2].logits_indices])  # (1, V)
+
+    def plan(members: list[Member]) -> list[StageWork]:
+        inst = Instance(0, members, SchedulerConfig(max_model_len=64), RecomputePolicy(), frozenset(), 64)
+        inst.add_request(EngineRequest("s", prompt, SamplingParams(temperature=0.0), time.time()))
+        works = inst.plan()
+        assert works is not None
+        return works
+
+    (alone,) = plan([Member(0, (0, 3), whole.new_block_manager())])
+    w1, w2 = plan([Member(1, (0, split), first.new_block_manager()), Member(2, (split, 3), second.new_block_manager())])
+    assert (w1.next_rank, w2.prev_rank, w1.samples, len(w2.samples)) == (2, 1, [], 1)
+    want = whole.forward(whole.prepare(alone))  # (1, V)
+    hidden = first.forward(first.prepare(w1))  # (T, h)
+    got = second.forward(second.prepare(w2), hidden)  # (1, V)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 

@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("kunlite.server.cli", "run an OpenAI-compatible HTTP server"),
     "generate": ("kunlite.cli", "generate text offline from a prompt"),
     "pull": ("kunlite.engine.pull", "fetch a model into the local cache (e.g. smollm2)"),
+    "worker": ("kunlite.engine.cluster.device", "a device worker that joins a cluster (torchrun's env variables)"),
     "bench": ("kunlite.bench.cli", "benchmarks: `bench serve` drives any OpenAI-compatible server"),
 }
 

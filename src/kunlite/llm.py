@@ -1,7 +1,9 @@
 """The offline API: `LLM(model=...).generate(prompts, SamplingParams(...))`.
 
-The engine core runs in this process (no HTTP, no worker process): a batch job owns the
-machine. The server runs the same core in a worker process instead.
+With one device the engine core runs in this process (no HTTP, no worker process): a batch job
+owns the machine. With `devices=N` this process is the coordinator of N device workers
+(`engine/cluster/`), as the server's engine process is; `close()` (or `with LLM(...)`) stops
+them.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kunlite.engine.args import EngineOptions
+from kunlite.engine.cluster.coordinator import Cluster
 from kunlite.engine.core import EngineCore
 from kunlite.engine.messages import EngineRequest, TokenLogprobs
 from kunlite.engine.output_processor import ChoiceDelta, RequestState
@@ -41,10 +44,22 @@ class GenerationResult:
 
 class LLM:
     def __init__(self, model: str | None = None, **options: Any) -> None:
-        self.config = EngineOptions(model=model, **options).build()
+        opts = EngineOptions(model=model, **options)
+        self.config = opts.build()
         self.tokenizer = Tokenizer.from_pretrained(self.config.model_dir)
-        self.engine = EngineCore(self.config)
+        self.engine: EngineCore | Cluster = Cluster(opts) if opts.devices > 1 else EngineCore(self.config)
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stop the device workers (nothing to do with one device)."""
+        if isinstance(self.engine, Cluster):
+            self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationResult]:
@@ -81,13 +96,15 @@ class LLM:
         if len(ids) >= self.engine.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {self.engine.max_model_len}")
         rid = f"gen-{next(self._ids)}"
-        self.engine.add_request(EngineRequest(rid, ids, params, time.time()))
+        failed = self.engine.add_request(EngineRequest(rid, ids, params, time.time()))
+        if failed:
+            raise RuntimeError("no instance of the cluster is serving")
         return RequestState(rid, ids, params, self.tokenizer)
 
     def _run(self, states: list[RequestState]) -> Iterator[ChoiceDelta]:
         by_id = {s.request_id: s for s in states}
         while not all(s.finished for s in states):
-            for out in self.engine.step():
+            for out in self.engine.step(0.5):
                 delta = by_id[out.request_id].process(out)
                 if delta is None:
                     continue

@@ -12,6 +12,11 @@ from kunlite.config import (CacheConfig, ConfigError, DeviceConfig, EngineConfig
 
 log = logging.getLogger(__name__)
 
+# What happens when KV runs out: recompute (vLLM: free a preempted request's KV, prefill it
+# again), swap (InferCept: its KV to host memory and back), migrate (Llumnix: move a running
+# request's KV to an instance with room, live).
+OVERLOAD_POLICIES = ("recompute", "swap", "migrate")
+
 
 @dataclass(frozen=True)
 class EngineOptions:
@@ -27,9 +32,20 @@ class EngineOptions:
     max_num_batched_tokens: int | None = None
     max_num_seqs: int = 64
     max_model_len: int | None = None
-    preemption_mode: str = "recompute"
     seed: int = 0
     layer_range: tuple[int, int] | None = None  # a pipeline stage's layers; None: the whole model
+    # the cluster (engine/cluster/): devices, their grouping, and what happens under overload
+    devices: int = 1
+    pipeline_parallel: int = 1
+    local_devices: int | None = None  # workers started here; the others join with `kunlite worker`
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None  # None: a free port
+    overload_policy: str = "recompute"
+    swap_space: str | int | None = None  # host bytes per device for swapped-out KV (--overload-policy swap)
+    join_timeout: float = 180.0  # seconds for every worker to join and load
+    comm_timeout: float = 60.0  # seconds a tensor receive may wait
+    heartbeat_timeout: float = 5.0  # seconds of silence after which a worker is dead
+    restart_workers: bool = True
 
     def build(self) -> EngineConfig:
         from kunlite.engine.pull import resolve_model
@@ -50,21 +66,27 @@ class EngineOptions:
             log.warning("max model len capped to the model's sliding window, %d tokens (sliding-window "
                         "attention is not implemented)", window)
             max_len = window
-        if self.layer_range is not None:
-            l0, l1 = self.layer_range
+        layers = None if self.layer_range is None else (int(self.layer_range[0]), int(self.layer_range[1]))
+        if layers is not None:
+            l0, l1 = layers
             if not 0 <= l0 < l1 <= model.num_layers:
-                raise ConfigError(f"layer range {self.layer_range} is not inside [0, {model.num_layers})")
+                raise ConfigError(f"layer range {layers} is not inside [0, {model.num_layers})")
+        if self.overload_policy not in OVERLOAD_POLICIES:
+            raise ConfigError(f"--overload-policy must be one of {', '.join(OVERLOAD_POLICIES)}, "
+                              f"got {self.overload_policy!r}")
+        if self.overload_policy == "swap" and not self.swap_space:
+            raise ConfigError("--overload-policy swap needs --swap-space (host memory per device, e.g. 2GiB)")
         budget = self.max_num_batched_tokens
         if budget is None:
             budget = 512 if self.enable_chunked_prefill else max_len
         return EngineConfig(
-            model_dir=str(model_dir), model=model, seed=self.seed, layer_range=self.layer_range,
+            model_dir=str(model_dir), model=model, seed=self.seed, layer_range=layers,
             cache=CacheConfig(page_size=self.page_size,
                               device_memory=parse_size(self.device_memory) if self.device_memory else None,
                               enable_prefix_caching=self.enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=self.max_num_seqs,
                                       max_model_len=max_len, enable_chunked_prefill=self.enable_chunked_prefill,
-                                      preemption_mode=self.preemption_mode),
+                                      preemption_mode="swap" if self.overload_policy == "swap" else "recompute"),
             device=DeviceConfig(device=self.device, dtype=self.dtype, threads=self.threads,
                                 attention_backend=self.attention_backend))
 
@@ -84,7 +106,24 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--preemption-mode", default="recompute", choices=["recompute"])
+    c = parser.add_argument_group("cluster")
+    c.add_argument("--devices", type=int, default=1,
+                   help="devices (worker processes): on CPU each with --threads and --device-memory; on CUDA one per GPU")
+    c.add_argument("--pipeline-parallel", type=int, default=1,
+                   help="devices per instance, each running a contiguous, balanced layer range")
+    c.add_argument("--local-devices", type=int, default=None,
+                   help="workers to start on this machine (default: all); the others join with `kunlite worker`")
+    c.add_argument("--master-addr", default="127.0.0.1",
+                   help="address of the rendezvous store (MASTER_ADDR of remote workers); 0.0.0.0 for other nodes")
+    c.add_argument("--master-port", type=int, default=None, help="its port (MASTER_PORT; default: a free one)")
+    c.add_argument("--overload-policy", default="recompute", choices=OVERLOAD_POLICIES,
+                   help="when KV runs out: recompute (vLLM), swap to host (InferCept), migrate (Llumnix)")
+    c.add_argument("--swap-space", default=None, help="host memory per device for swapped-out KV, e.g. 2GiB")
+    c.add_argument("--join-timeout", type=float, default=180.0, help="seconds for every worker to join and load")
+    c.add_argument("--comm-timeout", type=float, default=60.0, help="seconds a tensor receive may wait")
+    c.add_argument("--heartbeat-timeout", type=float, default=5.0, help="seconds of silence before a worker is dead")
+    c.add_argument("--no-restart-workers", dest="restart_workers", action="store_false",
+                   help="do not restart a worker that died")
     g.add_argument("--seed", type=int, default=0)
 
 

@@ -1,18 +1,29 @@
-"""KV block manager: exact accounting of KV pages, reference counts and the prefix cache.
+"""KV block manager of one device: exact accounting of KV pages, reference counts and the
+prefix cache.
 
-A *block* holds `page_size` consecutive tokens of one sequence for every local layer: it is a
-row of `layers_per_block` pages, one per layer (`block_pages[block]`). Blocks are the unit of
-allocation, sharing (reference counts, fork) and prefix caching. Pages that are KV but not (yet)
-in a block are *spare*; there are fewer than `layers_per_block` of them at rest.
+A *block* holds `page_size` consecutive tokens of one sequence for a contiguous range of layers
+[lo, hi): one page per layer. `block_pages[block, layer]` is indexed by the model's *global*
+layer number and holds -1 outside the block's range (`block_range[block]`). Blocks are the unit
+of allocation, sharing (reference counts, fork) and prefix caching. Pages that are KV but not
+(yet) in a block are *spare*.
+
+New blocks cover the device's current layer range (`layers`). The range changes when the device
+drops or restores layers (a pipeline group forms or splits): blocks allocated before the change
+keep their rows, so a request admitted before a drop still has KV for every layer it had, and
+one admitted after holds pages only for the layers this device now runs. All blocks of one
+sequence cover the same range, except that `trim` may narrow a sequence's unshared blocks once
+another device holds the KV of the layers it drops.
 
 States of a block:
     used     ref_count > 0, listed in one or more block tables
     free     ref_count == 0, in `_free` (LRU order: the front is reused first); it may still
-             carry a hash, so a later prompt with the same prefix can take it back (a cache hit)
+             carry a hash, so a later prompt with the same prefix can take it back (a cache hit).
+             Only blocks of the current range are ever free: a block of another range becomes
+             spare pages as soon as nobody uses it.
 
 Invariants, checked by `check()` and by the property tests:
     free + used == total blocks
-    total_blocks * layers_per_block + spare pages == KV pages handed to the manager
+    sum of the blocks' widths + spare pages == KV pages handed to the manager
     no page is in two blocks, or in a block and in spare
 
 "No room" is a value (`can_*` returns False); misuse (a double free, an unknown sequence) raises.
@@ -46,14 +57,26 @@ class BlockManager:
         self,
         *,
         page_size: int,
-        layers_per_block: int,
         pages: Iterable[int],
+        layers: tuple[int, int] | None = None,
+        num_layers: int | None = None,
+        layers_per_block: int | None = None,
         enable_prefix_caching: bool = True,
     ) -> None:
+        """`layers`: the global layer range of new blocks (`layers_per_block=n` means (0, n));
+        `num_layers`: the model's layer count, the width of `block_pages` (default: layers[1])."""
+        if layers is None:
+            if layers_per_block is None:
+                raise BlockManagerError("give layers or layers_per_block")
+            layers = (0, layers_per_block)
         self.page_size = page_size
-        self.layers_per_block = layers_per_block
+        self.layers = (int(layers[0]), int(layers[1]))
+        self.num_layers = num_layers if num_layers is not None else self.layers[1]
+        if not 0 <= self.layers[0] < self.layers[1] <= self.num_layers:
+            raise BlockManagerError(f"layer range {layers} is not inside [0, {self.num_layers})")
         self.enable_prefix_caching = enable_prefix_caching
-        self.block_pages = np.zeros((0, layers_per_block), dtype=np.int32)  # (capacity, L) page ids
+        self.block_pages = np.full((0, self.num_layers), -1, dtype=np.int32)  # (capacity, L_total) page ids
+        self.block_range = np.zeros((0, 2), dtype=np.int32)  # (capacity, 2) [lo, hi) of each block
         self._ref: dict[int, int] = {}  # block id -> reference count, for every live block
         self._hash: dict[int, BlockHash] = {}  # block id -> hash, for cached blocks
         self._cached: dict[BlockHash, int] = {}  # hash -> block id
@@ -62,6 +85,8 @@ class BlockManager:
         self._recycled_ids: list[int] = []
         self.tables: dict[str, list[int]] = {}  # sequence id -> block ids, in token order
         self._seq_hashes: dict[str, list[BlockHash]] = {}  # hashes of the sequence's full blocks
+        self._block_page_count = 0  # sum of the widths of all blocks
+        self._used_page_count = 0  # sum of the widths of used blocks
         self.add_pages(pages)
 
     # ------------------------------------------------------------------ accounting
@@ -79,8 +104,40 @@ class BlockManager:
         return len(self._ref) - len(self._free)
 
     @property
+    def layers_per_block(self) -> int:
+        """Pages in a new block: one per layer of the current range."""
+        return self.layers[1] - self.layers[0]
+
+    def width(self, b: int) -> int:
+        lo, hi = self.block_range[b]
+        return int(hi - lo)
+
+    def pages_of(self, b: int) -> list[tuple[int, int]]:
+        """(global layer, page) of every page of block b."""
+        lo, hi = (int(x) for x in self.block_range[b])
+        return [(layer, int(self.block_pages[b, layer])) for layer in range(lo, hi)]
+
+    @property
     def num_kv_pages(self) -> int:
-        return len(self._ref) * self.layers_per_block + len(self._spare)
+        return self._block_page_count + len(self._spare)
+
+    @property
+    def num_used_pages(self) -> int:
+        """Pages in used blocks (blocks of another range count their own width)."""
+        return self._used_page_count
+
+    def covers(self, seq_id: str, layers: tuple[int, int]) -> bool:
+        """Whether every block of the sequence holds pages for all of `layers`."""
+        lo, hi = layers
+        return all(self.block_range[b, 0] <= lo and hi <= self.block_range[b, 1] for b in self._table(seq_id))
+
+    def seq_range(self, seq_id: str) -> tuple[int, int] | None:
+        """The layers every block of the sequence holds (their intersection); None if no blocks."""
+        table = self._table(seq_id)
+        if not table:
+            return None
+        r = self.block_range[table]  # (n, 2)
+        return int(r[:, 0].max()), int(r[:, 1].min())
 
     @property
     def usage(self) -> float:
@@ -99,9 +156,14 @@ class BlockManager:
                 refs[b] = refs.get(b, 0) + 1
         if any(self._ref.get(b, -1) != n for b, n in refs.items()) or used != len(refs):
             raise BlockManagerError("reference counts disagree with the block tables")
-        pages = [int(p) for b in self._ref for p in self.block_pages[b]] + self._spare
-        if len(pages) != len(set(pages)):
+        pages = [p for b in self._ref for _, p in self.pages_of(b)] + self._spare
+        if len(pages) != len(set(pages)) or min(pages, default=0) < 0:
             raise BlockManagerError("a page is in two places")
+        if not all(self._current(b) for b in self._free):
+            raise BlockManagerError("a free block is not of the current layer range")
+        if (self._block_page_count, self._used_page_count) != (
+                sum(self.width(b) for b in self._ref), sum(self.width(b) for b, r in self._ref.items() if r > 0)):
+            raise BlockManagerError("page counters disagree with the blocks")
         if any(self._cached.get(h) not in self._ref for h in self._cached):
             raise BlockManagerError("the prefix cache points at a dead block")
 
@@ -116,7 +178,7 @@ class BlockManager:
         blocks: list[int] = []
         for h in hashes:
             b = self._cached.get(h)
-            if b is None:
+            if b is None or not self._current(b):
                 break
             blocks.append(b)
         return blocks, len(blocks) * self.page_size
@@ -138,26 +200,39 @@ class BlockManager:
         n_full = min(num_computed_tokens // self.page_size, len(table))
         for i, h in enumerate(self._hashes_for(seq_id, token_ids, n_full)):
             b = table[i]
-            if b not in self._hash and h not in self._cached:
+            if b not in self._hash and h not in self._cached and self._current(b):
                 self._hash[b] = h
                 self._cached[h] = b
 
     # ------------------------------------------------------------------ allocation
 
     def blocks_needed(self, seq_id: str, num_tokens: int, computed_blocks: Sequence[int] = ()) -> int:
-        """Free blocks that allocate() would consume to hold num_tokens tokens."""
+        """Blocks that allocate() would take (new ones, and free cached ones it revives) to hold
+        num_tokens tokens."""
         have = len(self.tables.get(seq_id, ())) + len(computed_blocks)
         revived = sum(1 for b in computed_blocks if self._ref[b] == 0)
         return max(0, -(-num_tokens // self.page_size) - have) + revived
 
-    def can_allocate(self, seq_id: str, num_tokens: int, computed_blocks: Sequence[int] = ()) -> bool:
-        return self.blocks_needed(seq_id, num_tokens, computed_blocks) <= len(self._free)
+    def can_allocate(self, seq_id: str, num_tokens: int, computed_blocks: Sequence[int] = (),
+                     extra_blocks: int = 0) -> bool:
+        """Whether allocate() can grow the sequence to num_tokens tokens, with `extra_blocks`
+        more blocks of the current range left over (for forks in the same step)."""
+        need = self.blocks_needed(seq_id, num_tokens, computed_blocks)
+        rng = self._alloc_range(seq_id)
+        if rng == self.layers:
+            return need + extra_blocks <= len(self._free)
+        # Blocks of an older range are formed from spare pages and from dissolved free blocks.
+        pages = need * (rng[1] - rng[0]) + extra_blocks * self.layers_per_block
+        return pages <= len(self._free) * self.layers_per_block + len(self._spare)
 
     def allocate(self, seq_id: str, num_tokens: int, computed_blocks: Sequence[int] = ()) -> list[int]:
         """Grow the sequence's table to hold num_tokens tokens, first taking `computed_blocks`
-        (prefix-cache hits, only for a sequence with no blocks yet). Returns the new blocks."""
+        (prefix-cache hits, only for a sequence with no blocks yet). New blocks cover the layers
+        of the sequence's existing blocks, or the current range for a new sequence. Returns the
+        new blocks."""
         if not self.can_allocate(seq_id, num_tokens, computed_blocks):
             raise BlockManagerError(f"allocate for {seq_id!r} without room; ask can_allocate first")
+        rng = self._alloc_range(seq_id)
         table = self.tables.setdefault(seq_id, [])
         if computed_blocks:
             if table:
@@ -165,9 +240,33 @@ class BlockManager:
             for b in computed_blocks:
                 self._take(b)
             table.extend(computed_blocks)
-        new = [self._pop_free() for _ in range(-(-num_tokens // self.page_size) - len(table))]
+        n_new = -(-num_tokens // self.page_size) - len(table)
+        new = [self._pop_free() if rng == self.layers else self._new_block(rng) for _ in range(n_new)]
         table.extend(new)
         return new
+
+    def _alloc_range(self, seq_id: str) -> tuple[int, int]:
+        table = self.tables.get(seq_id)
+        if not table:
+            return self.layers
+        lo, hi = self.block_range[table[-1]]
+        return int(lo), int(hi)
+
+    def _new_block(self, rng: tuple[int, int]) -> int:
+        """A used block of a range other than the current one, from spare pages (dissolving the
+        free blocks reused first when there are too few)."""
+        lo, hi = rng
+        while len(self._spare) < hi - lo:
+            self._dissolve(next(iter(self._free)))
+        pages, self._spare = self._spare[: hi - lo], self._spare[hi - lo :]
+        b = self._recycled_ids.pop() if self._recycled_ids else self._grow()
+        self.block_pages[b, lo:hi] = pages
+        self.block_range[b] = rng
+        self._block_page_count += hi - lo
+        self._used_page_count += hi - lo
+        self._ref[b] = 1
+        self._regroup()
+        return b
 
     def free(self, seq_id: str) -> None:
         """Release the sequence's blocks. Its last blocks go to the back of the free list, so
@@ -186,12 +285,18 @@ class BlockManager:
         self._seq_hashes.pop(seq_id, None)
 
     def can_fork(self, parent_id: str, num_tokens: int) -> bool:
-        return (num_tokens % self.page_size != 0) <= len(self._free)
+        if num_tokens % self.page_size == 0:
+            return True
+        lo, hi = (int(x) for x in self.block_range[self._table(parent_id)[num_tokens // self.page_size]])
+        if (lo, hi) == self.layers:
+            return len(self._free) >= 1
+        return hi - lo <= len(self._free) * self.layers_per_block + len(self._spare)
 
     def fork(self, parent_id: str, child_id: str, num_tokens: int) -> list[tuple[int, int]]:
         """Give child_id the parent's first num_tokens tokens of KV. Full blocks are shared; a
-        partial last block is copied into a fresh block. Returns the (src, dst) block copies the
-        caller must perform on the pool before the child's next step."""
+        partial last block is copied into a fresh block of the same layers. Returns the
+        (src, dst) block copies the caller must perform on the pool before the child's next
+        step."""
         if child_id in self.tables:
             raise BlockManagerError(f"fork into existing sequence {child_id!r}")
         if not self.can_fork(parent_id, num_tokens):
@@ -204,20 +309,66 @@ class BlockManager:
             self._ref[b] += 1
         copies: list[tuple[int, int]] = []
         if n_full < n_blocks:
-            dst = self._pop_free()
-            copies.append((parent[n_full], dst))
+            src = parent[n_full]
+            rng = (int(self.block_range[src, 0]), int(self.block_range[src, 1]))
+            dst = self._pop_free() if rng == self.layers else self._new_block(rng)
+            copies.append((src, dst))
             child.append(dst)
         self.tables[child_id] = child
         self._seq_hashes[child_id] = list(self._seq_hashes.get(parent_id, [])[:n_full])
         return copies
 
     def page_copies(self, block_copies: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-        """Source and destination pages (each (N * L,)) of a list of block copies."""
-        if not block_copies:
-            empty = np.zeros(0, dtype=np.int64)
-            return empty, empty
-        src, dst = zip(*block_copies)
-        return self.block_pages[list(src)].reshape(-1), self.block_pages[list(dst)].reshape(-1)
+        """Source and destination pages (each (N,), every layer of each pair) of a list of copies
+        between blocks of the same range."""
+        src = [p for s, _ in block_copies for _, p in self.pages_of(s)]
+        dst = [p for _, d in block_copies for _, p in self.pages_of(d)]
+        return np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
+
+    def page_table(self, block_ids: np.ndarray, layers: tuple[int, int]) -> np.ndarray:
+        """Pages of the given blocks for the given layers: (B, max_blocks) block ids, padded with
+        any valid block -> (L, B, max_blocks) page ids. Every real entry must cover `layers`."""
+        lo, hi = layers
+        return self.block_pages[block_ids, lo:hi].transpose(2, 0, 1)  # (L, B, max_blocks)
+
+    # ------------------------------------------------------------------ layer ranges
+
+    def set_layers(self, layers: tuple[int, int]) -> None:
+        """From now on new blocks cover `layers` (the device dropped or restored layers). Free
+        blocks of the old range become spare pages (their cached prefixes are forgotten) and
+        spare pages form blocks of the new range; used blocks keep their rows."""
+        lo, hi = int(layers[0]), int(layers[1])
+        if not 0 <= lo < hi <= self.num_layers:
+            raise BlockManagerError(f"layer range {layers} is not inside [0, {self.num_layers})")
+        if (lo, hi) == self.layers:
+            return
+        self.layers = (lo, hi)
+        for b in list(self._free):
+            self._dissolve(b)
+        self._regroup()
+
+    def trim(self, seq_id: str, layers: tuple[int, int]) -> int:
+        """Narrow the sequence's blocks to `layers` (another device now holds the KV of the rest).
+        Blocks shared with another sequence keep all their pages until the last user narrows or
+        frees them. Returns the pages given back."""
+        lo, hi = layers
+        freed = 0
+        for b in self._table(seq_id):
+            blo, bhi = (int(x) for x in self.block_range[b])
+            if self._ref[b] != 1 or (blo, bhi) == (lo, hi):
+                continue
+            if not blo <= lo < hi <= bhi:
+                raise BlockManagerError(f"cannot trim block {b} [{blo}, {bhi}) to [{lo}, {hi})")
+            for layer in [*range(blo, lo), *range(hi, bhi)]:
+                self._spare.append(int(self.block_pages[b, layer]))
+                self.block_pages[b, layer] = -1
+                freed += 1
+                self._block_page_count -= 1
+                self._used_page_count -= 1
+            self.block_range[b] = (lo, hi)
+            self._evict_hash(b)
+        self._regroup()
+        return freed
 
     # ------------------------------------------------------------------ pages in and out
 
@@ -228,7 +379,7 @@ class BlockManager:
 
     def can_reclaim(self, pages: Sequence[int]) -> bool:
         """Whether the used blocks still fit once these pages leave the KV side."""
-        return self.num_used_blocks * self.layers_per_block <= self.num_kv_pages - len(set(pages))
+        return self.num_used_pages <= self.num_kv_pages - len(set(pages))
 
     def reclaim(self, pages: Sequence[int]) -> list[tuple[int, int]]:
         """Take these pages out of the KV side (a parameter group is being restored).
@@ -238,7 +389,7 @@ class BlockManager:
         want = {int(p) for p in pages}
         if not self.can_reclaim(list(want)):
             raise BlockManagerError("reclaim without room; ask can_reclaim first")
-        where = {int(p): (b, i) for b in self._ref for i, p in enumerate(self.block_pages[b])}
+        where = {p: (b, layer) for b in self._ref for layer, p in self.pages_of(b)}
         missing = [p for p in want if p not in where and p not in self._spare]
         if missing:
             raise BlockManagerError(f"pages {missing[:5]} are not KV pages")
@@ -249,12 +400,12 @@ class BlockManager:
         for p in sorted(want):
             if p not in where or where[p][0] not in self._ref:
                 continue
-            b, i = where[p]
+            b, layer = where[p]
             if not self._spare:
                 self._dissolve(next(iter(self._free)))
                 self._spare = [q for q in self._spare if q not in want]
             dst = self._spare.pop()
-            self.block_pages[b, i] = dst
+            self.block_pages[b, layer] = dst
             moves.append((p, dst))
         self._regroup()
         return moves
@@ -270,11 +421,13 @@ class BlockManager:
         b, _ = self._free.popitem(last=False)
         self._evict_hash(b)
         self._ref[b] = 1
+        self._used_page_count += self.width(b)
         return b
 
     def _take(self, b: int) -> None:
         if self._ref[b] == 0:
             del self._free[b]
+            self._used_page_count += self.width(b)
         self._ref[b] += 1
 
     def _release(self, b: int) -> None:
@@ -283,6 +436,14 @@ class BlockManager:
         self._ref[b] -= 1
         if self._ref[b] == 0:
             self._free[b] = None
+            self._used_page_count -= self.width(b)
+            if not self._current(b):
+                self._dissolve(b)  # nobody can use a block of another range
+                self._regroup()
+
+    def _current(self, b: int) -> bool:
+        """Whether block b covers exactly the current layer range."""
+        return int(self.block_range[b, 0]) == self.layers[0] and int(self.block_range[b, 1]) == self.layers[1]
 
     def _evict_hash(self, b: int) -> None:
         h = self._hash.pop(b, None)
@@ -294,25 +455,35 @@ class BlockManager:
         self._evict_hash(b)
         del self._free[b]
         del self._ref[b]
-        self._spare.extend(int(p) for p in self.block_pages[b])
+        self._block_page_count -= self.width(b)
+        self._spare.extend(p for _, p in self.pages_of(b))
+        self.block_pages[b] = -1
         self._recycled_ids.append(b)
 
+    def _grow(self) -> int:
+        """Double the block arrays; returns the first new id (the others are recycled ids)."""
+        b = len(self.block_pages)
+        cap = max(16, 2 * b)
+        grown = np.full((cap, self.num_layers), -1, dtype=np.int32)
+        grown[:b] = self.block_pages
+        ranges = np.zeros((cap, 2), dtype=np.int32)
+        ranges[:b] = self.block_range
+        self.block_pages, self.block_range = grown, ranges
+        self._recycled_ids.extend(range(cap - 1, b, -1))
+        return b
+
     def _regroup(self) -> None:
-        """Form blocks from spare pages. New empty blocks go to the front of the free list:
-        they are reused before any block that still holds a cached prefix."""
-        L = self.layers_per_block
+        """Form blocks of the current range from spare pages. New empty blocks go to the front
+        of the free list: they are reused before any block that still holds a cached prefix."""
+        lo, hi = self.layers
+        width = hi - lo
         new_ids: list[int] = []
-        while len(self._spare) >= L:
-            pages, self._spare = self._spare[:L], self._spare[L:]
-            if self._recycled_ids:
-                b = self._recycled_ids.pop()
-            else:
-                b = len(self.block_pages)
-                grown = np.zeros((max(16, 2 * len(self.block_pages)), L), dtype=np.int32)
-                grown[: len(self.block_pages)] = self.block_pages
-                self.block_pages = grown
-                self._recycled_ids.extend(range(len(self.block_pages) - 1, b, -1))
-            self.block_pages[b] = pages
+        while len(self._spare) >= width:
+            pages, self._spare = self._spare[:width], self._spare[width:]
+            b = self._recycled_ids.pop() if self._recycled_ids else self._grow()
+            self.block_pages[b, lo:hi] = pages
+            self.block_range[b] = (lo, hi)
+            self._block_page_count += width
             self._ref[b] = 0
             self._free[b] = None
             new_ids.append(b)

@@ -20,6 +20,7 @@ class EngineRequest(msgspec.Struct, frozen=True, tag=True):
     params: SamplingParams
     arrival_time: float  # time.time() when the front end accepted it
     priority: int = 0  # lower runs first under the priority policy (vLLM's convention)
+    instance: int | None = None  # the instance the front end dispatched it to; None: the engine picks
 
 
 class AbortRequests(msgspec.Struct, frozen=True, tag=True):
@@ -72,6 +73,37 @@ class StepTiming(msgspec.Struct, frozen=True, array_like=True):
     num_decode_tokens: int
     num_context_tokens: int  # sum of KV lengths attended over
     seconds: float
+    instance: int = 0
+
+
+class DeviceStats(msgspec.Struct, frozen=True):
+    """One device of an instance, as the monitor reports it."""
+
+    rank: int
+    pid: int | None
+    host: str
+    device: str
+    layers: tuple[int, int]  # the layers it runs, [l0, l1)
+    alive: bool
+    param_bytes: int
+    kv_used_bytes: int
+    kv_total_bytes: int
+
+
+class InstanceStats(msgspec.Struct, frozen=True):
+    """One instance (a replica, or a pipeline group): its queue, its KV in blocks, its devices.
+    State: serving | degraded (a member died; its requests failed) | restarting (a member is
+    being replaced; communication is being re-formed)."""
+
+    id: int
+    state: str
+    running: int
+    waiting: int
+    used_blocks: int
+    total_blocks: int
+    waiting_blocks: int  # blocks the waiting requests need for their prompts
+    page_size: int
+    devices: list[DeviceStats] = []
 
 
 class EngineStats(msgspec.Struct, frozen=True):
@@ -83,6 +115,17 @@ class EngineStats(msgspec.Struct, frozen=True):
     param_pages: int
     page_size: int
     prefix_cache_hit_tokens_total: int = 0
+    instances: list[InstanceStats] = []
+    # overload policies, cumulative
+    num_swaps_out_total: int = 0
+    num_swaps_in_total: int = 0
+    swap_out_bytes_total: int = 0
+    swap_in_bytes_total: int = 0
+    num_migrations_total: int = 0
+    migration_bytes_total: int = 0
+    migration_pause_seconds_total: float = 0.0
+    num_migrations_aborted_total: int = 0
+    num_worker_deaths_total: int = 0
 
     @property
     def kv_usage(self) -> float:
@@ -96,6 +139,7 @@ class EngineOutputs(msgspec.Struct, frozen=True, tag=True):
     # (request_id, seconds) for requests the scheduler ran for the first time: how long each
     # waited in the engine's queue (the server's request_queue_time metric)
     queue_times: list[tuple[str, float]] = []
+    moved: list[tuple[str, int]] = []  # (request_id, instance): requests that changed instance
 
 
 class EngineReady(msgspec.Struct, frozen=True, tag=True):
@@ -104,6 +148,8 @@ class EngineReady(msgspec.Struct, frozen=True, tag=True):
     num_layers: int
     dtype: str
     attention_backend: str
+    num_instances: int = 1
+    num_devices: int = 1
 
 
 class EngineDead(msgspec.Struct, frozen=True, tag=True):

@@ -17,7 +17,7 @@ from kunlite.engine.block_manager import BlockManager
 from kunlite.engine.cpu_tuning import advise_huge_pages
 from kunlite.engine.memory import DevicePool, page_elems
 from kunlite.engine.model import CausalLM, Rope, param_groups
-from kunlite.engine.sequence import Sequence
+from kunlite.engine.work import StageWork
 from kunlite.engine.weights import WeightLoader
 from kunlite.kernels.backend import AttentionMetadata, get_backend
 
@@ -26,11 +26,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StepInputs:
-    inputs: torch.Tensor  # (T,) token ids
+    inputs: torch.Tensor  # (T,) token ids (used by the first stage only)
     positions: torch.Tensor  # (T,)
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # (R,) rows of the hidden states to turn into logits
-    sampled: list[Sequence]  # the R sequences that sample this step, in row order
 
 
 def default_device_memory(config: EngineConfig, param_bytes: int) -> int:
@@ -72,65 +71,56 @@ class ModelRunner:
         self.model = CausalLM(cfg, self.layers, self.backend, self.pool, self.rope)
 
     def new_block_manager(self) -> BlockManager:
-        return BlockManager(page_size=self.page_size, layers_per_block=self.num_local_layers,
+        return BlockManager(page_size=self.page_size, layers=self.layers, num_layers=self.config.model.num_layers,
                             pages=self.pool.initial_kv_pages(),
                             enable_prefix_caching=self.config.cache.enable_prefix_caching)
 
     # ------------------------------------------------------------------ one step
 
-    def prepare(self, scheduled: list[tuple[Sequence, int]], kv: BlockManager) -> StepInputs:
-        """Flatten the batch (decodes first, as scheduled) into model inputs and metadata."""
+    def prepare(self, work: StageWork) -> StepInputs:
+        """Flatten the step's sequences (decodes first, as scheduled) into model inputs and
+        attention metadata over this device's pages."""
         ps = self.page_size
-        tokens: list[int] = []
-        positions: list[int] = []
-        query_lens: list[int] = []
-        seq_lens: list[int] = []
-        tables: list[list[int]] = []
-        logits_rows: list[int] = []
-        sampled: list[Sequence] = []
-        for seq, n in scheduled:
-            c = seq.num_computed_tokens
-            tokens.extend(seq.token_ids[c : c + n])
-            positions.extend(range(c, c + n))
-            query_lens.append(n)
-            seq_lens.append(c + n)
-            tables.append(kv.tables[seq.seq_id])
-            if c + n == seq.num_tokens:  # the chunk reaches the end: this row samples
-                logits_rows.append(len(tokens) - 1)
-                sampled.append(seq)
-        B, T = len(scheduled), len(tokens)
-        max_blocks = max(len(t) for t in tables)
-        block_ids = np.zeros((B, max_blocks), dtype=np.int64)  # (B, max_blocks), padded with block 0
-        for b, t in enumerate(tables):
-            block_ids[b, : len(t)] = t
-        page_tables = kv.block_pages[block_ids].transpose(2, 0, 1)  # (L, B, max_blocks)
-        pos = np.asarray(positions, dtype=np.int64)  # (T,)
+        query_lens = [len(s.tokens) for s in work.seqs]
+        seq_lens = [s.num_computed + len(s.tokens) for s in work.seqs]
+        B = len(work.seqs)
+        page_tables = work.pages()  # (L, B, max_blocks)
+        if page_tables.shape[0] != self.num_local_layers:
+            raise ValueError(f"the step's page table covers {page_tables.shape[0]} layers; this device runs "
+                             f"{self.num_local_layers}")
+        pos = np.concatenate([np.arange(s.num_computed, s.num_computed + len(s.tokens)) for s in work.seqs])  # (T,)
         seq_of_token = np.repeat(np.arange(B), query_lens)  # (T,)
-        slots = np.ascontiguousarray(page_tables[:, seq_of_token, pos // ps], dtype=np.int64) * ps + pos % ps  # (L, T)
+        slots = page_tables[:, seq_of_token, pos // ps].astype(np.int64) * ps + pos % ps  # (L, T)
         qsl = np.zeros(B + 1, dtype=np.int32)  # (B+1,)
         np.cumsum(query_lens, out=qsl[1:])
+        rows = sorted({r.seq for r in work.samples})
         dev = self.device
         meta = AttentionMetadata(
-            num_decodes=sum(1 for n in query_lens if n == 1),
+            num_decodes=work.num_decodes,
             query_start_loc=torch.from_numpy(qsl).to(dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            page_tables=torch.from_numpy(np.ascontiguousarray(page_tables, dtype=np.int32)).to(dev),
-            slot_mapping=torch.from_numpy(slots).to(dev),
+            page_tables=torch.from_numpy(page_tables.copy()).to(dev),  # the work's bytes are read-only
+            slot_mapping=torch.from_numpy(np.ascontiguousarray(slots)).to(dev),
             max_query_len=max(query_lens), max_seq_len=max(seq_lens),
             query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
+        tokens = [t for s in work.seqs for t in s.tokens] if work.is_first else []
         return StepInputs(
             inputs=torch.tensor(tokens, dtype=torch.long, device=dev),
             positions=torch.from_numpy(pos).to(dev), meta=meta,
-            logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev), sampled=sampled)
+            logits_indices=torch.tensor([int(qsl[r + 1]) - 1 for r in rows], dtype=torch.long, device=dev))
 
     @torch.inference_mode()
-    def execute(self, step: StepInputs) -> torch.Tensor:
-        """Run the layer range. Returns (R, V) float32 logits for the sampling rows."""
+    def forward(self, step: StepInputs, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the layer range on the token ids (first stage) or on `hidden` (T, h) from the
+        previous stage. Returns (T, h) hidden states, or on the last stage (R, V) float32 logits
+        of the rows that sample (in ascending row order)."""
         self.backend.prepare(step.meta)
-        hidden = self.model.forward(step.inputs, step.positions, step.meta)  # (T, h)
-        if not step.sampled:
+        x = self.model.forward(step.inputs if hidden is None else hidden, step.positions, step.meta)  # (T, h)
+        if not self.model.last:
+            return x
+        if not len(step.logits_indices):
             return torch.empty(0, self.config.model.vocab_size, device=self.device)
-        return self.model.logits(hidden[step.logits_indices])  # (R, V)
+        return self.model.logits(x[step.logits_indices])  # (R, V)
 
     @torch.inference_mode()
     def copy_pages(self, src: np.ndarray, dst: np.ndarray) -> None:
@@ -139,6 +129,11 @@ class ModelRunner:
             kv = self.pool.kv_cache  # (P, 2, ps, H_kv, d)
             kv[torch.from_numpy(np.asarray(dst, dtype=np.int64)).to(self.device)] = \
                 kv[torch.from_numpy(np.asarray(src, dtype=np.int64)).to(self.device)]
+
+    @torch.inference_mode()
+    def copy_into_pages(self, pages: list[int], data: torch.Tensor) -> None:
+        """Write received KV (n, 2, ps, H_kv, d) into these pages, in order."""
+        self.pool.kv_cache[torch.tensor(pages, dtype=torch.long, device=self.device)] = data
 
     # ------------------------------------------------------------------ drop / restore
 

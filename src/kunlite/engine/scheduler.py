@@ -7,6 +7,11 @@ budget. Running sequences go first (FCFS among themselves); then waiting ones ar
 queue order while the budget, the sequence cap and the KV allow. When KV runs out for a running
 sequence, the lowest-priority, latest running sequence is preempted through the policy hook.
 
+A pipeline keeps several steps (microbatches) in flight: `schedule` then skips the sequences
+that are in flight (`Sequence.in_flight`, set by the caller until the step is committed), never
+preempts one (its KV is being written), and takes the microbatch's own token budget and
+sequence cap.
+
 The scheduler never touches tensors: it moves Sequence objects between queues and asks the
 BlockManager, which is plain accounting too.
 """
@@ -17,10 +22,13 @@ import bisect
 import itertools
 from dataclasses import dataclass, field
 
+import msgspec
+
 from kunlite.config import SchedulerConfig
 from kunlite.engine.block_manager import BlockManager
 from kunlite.engine.preemption import PreemptionPolicy, select_victim
 from kunlite.engine.sequence import Sequence, SeqStatus
+from kunlite.sampling_params import SamplingParams
 
 
 @dataclass
@@ -89,17 +97,20 @@ class Scheduler:
 
     # ------------------------------------------------------------------ one step
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, budget: int | None = None, max_seqs: int | None = None) -> SchedulerOutput:
+        """One step: `budget` tokens (default: the configured budget) over at most `max_seqs`
+        sequences (default: no cap beyond --max-num-seqs)."""
         out = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
+        budget = self.config.max_num_batched_tokens if budget is None else budget
+        seats = max_seqs if max_seqs is not None else self.config.max_num_seqs
         chunked = self.config.enable_chunked_prefill
 
         # 1. Running sequences, oldest first.
         for seq in list(self.running):
-            if budget <= 0:
+            if budget <= 0 or len(out.scheduled) >= seats:
                 break
-            if seq.status is not SeqStatus.RUNNING:
-                continue  # preempted earlier in this loop
+            if seq.status is not SeqStatus.RUNNING or seq.in_flight:
+                continue  # preempted earlier in this loop, or in a step not yet committed
             n = min(seq.num_uncomputed, budget) if chunked else seq.num_uncomputed
             if n > budget:
                 continue
@@ -109,7 +120,7 @@ class Scheduler:
             budget -= n
 
         # 2. Waiting sequences, in queue order; none are admitted in a step that preempted.
-        while self.waiting and not out.preempted and budget > 0:
+        while self.waiting and not out.preempted and budget > 0 and len(out.scheduled) < seats:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             seq = self.waiting[0]
@@ -120,8 +131,7 @@ class Scheduler:
             elif n > budget:
                 break
             total = cached + n
-            extra = self._fork_blocks(seq, total)
-            if self.kv.blocks_needed(seq.seq_id, total, hits) + extra > self.kv.num_free_blocks:
+            if not self.kv.can_allocate(seq.seq_id, total, hits, self._fork_blocks(seq, total)):
                 break
             self.waiting.pop(0)
             self.kv.allocate(seq.seq_id, total, hits)
@@ -143,8 +153,11 @@ class Scheduler:
         False when the sequence itself had to be preempted."""
         total = seq.num_computed_tokens + n
         extra = self._fork_blocks(seq, total)
-        while self.kv.blocks_needed(seq.seq_id, total) + extra > self.kv.num_free_blocks:
-            victim = select_victim(self.running)
+        while not self.kv.can_allocate(seq.seq_id, total, (), extra):
+            candidates = [s for s in self.running if not s.in_flight]
+            if not candidates:
+                return False  # everything else is in flight: wait for a step to commit
+            victim = select_victim(candidates)
             self._preempt(victim, out)
             if victim is seq:
                 return False
@@ -176,11 +189,9 @@ class Scheduler:
             if not parent.pending_children or parent.num_computed_tokens + n < parent.num_prompt_tokens:
                 continue
             for i in range(1, parent.pending_children + 1):
-                params = parent.params
-                if params.seed is not None:
-                    params = _with_seed(params, params.seed + i)  # each choice its own stream
                 child = Sequence(seq_id=f"{parent.request_id}#{i}", request_id=parent.request_id,
-                                 index=i, prompt_token_ids=parent.prompt_token_ids, params=params,
+                                 index=i, prompt_token_ids=parent.prompt_token_ids,
+                                 params=child_params(parent.params, i),
                                  arrival_time=parent.arrival_time, priority=parent.priority,
                                  num_cached_tokens=parent.num_cached_tokens)
                 child.order = next(self._order)
@@ -193,7 +204,6 @@ class Scheduler:
         return pairs
 
 
-def _with_seed(params, seed: int):  # type: ignore[no-untyped-def]
-    import msgspec
-
-    return msgspec.structs.replace(params, seed=seed)
+def child_params(params: SamplingParams, i: int) -> SamplingParams:
+    """The params of the i-th extra choice of n > 1: its own seed stream when seeded."""
+    return params if params.seed is None else msgspec.structs.replace(params, seed=params.seed + i)

@@ -38,6 +38,7 @@ class Sequence:
     finish_reason: str | None = None
     pending_children: int = 0  # extra choices to fork once the prompt is computed (n > 1)
     order: int = 0  # admission order, the FCFS tie-breaker
+    in_flight: bool = False  # in a scheduled step that is not committed yet (pipelines)
 
     def __post_init__(self) -> None:
         self.token_ids: list[int] = list(self.prompt_token_ids)

@@ -1,4 +1,8 @@
-"""The engine process: one EngineCore driven by typed messages over a pipe.
+"""The engine process: the engine behind the server, driven by typed messages over a pipe.
+
+With one device it is an EngineCore that runs the model in this process; with --devices N it
+is the coordinator of N device workers (`engine/cluster/`), which run the model while this
+process schedules. Both answer the same calls (add_request, abort, step, stats).
 
 Started with multiprocessing's "spawn" context by the server (`server/engine_client.py`).
 Its arguments are plain data: the EngineOptions as a dict of builtins and a Connection.
@@ -58,8 +62,10 @@ class Worker:
 
     def handle(self, msg: ToEngine, outputs: list[RequestOutput]) -> None:
         if isinstance(msg, EngineRequest):
-            self.core.add_request(msg)
-            self.queued_since[msg.request_id] = time.monotonic()
+            refused = self.core.add_request(msg)  # error outputs when no instance serves
+            outputs.extend(refused)
+            if not refused:
+                self.queued_since[msg.request_id] = time.monotonic()
         elif isinstance(msg, AbortRequests):
             outputs.extend(self.core.abort(msg.request_ids, msg.choices))
             for rid in msg.request_ids:
@@ -81,27 +87,32 @@ class Worker:
         `step_start`: (id, seconds from their arrival here to that step)."""
         if not self.queued_since:
             return []
-        started = {s.request_id for s in self.core.scheduler.running} | {o.request_id for o in outputs}
+        started = self.core.running_request_ids() | {o.request_id for o in outputs}
         return [(rid, max(step_start - self.queued_since.pop(rid), 0.0))
                 for rid in started & self.queued_since.keys()]
 
     def run(self) -> None:
+        cluster = hasattr(self.core, "instances")  # the model runs in device workers
         while True:
             outputs: list[RequestOutput] = []
             busy = self.core.has_unfinished
-            self.drain(0.0 if busy else HEARTBEAT_S, outputs)
+            self.drain(0.0 if busy or cluster else HEARTBEAT_S, outputs)
             step_start = time.monotonic()
-            stepped = self.core.step() if self.core.has_unfinished else []
+            if cluster:  # waits for the workers, or for the front end's next message
+                stepped = self.core.step(HEARTBEAT_S, self.conn.fileno())
+            else:
+                stepped = self.core.step() if self.core.has_unfinished else []
             outputs.extend(stepped)
             queued = self.queue_times(step_start, stepped)
             timings = self.core.take_timings()
+            moved = self.core.take_moved()
             now = time.monotonic()
             # One message per step that ran (a prompt chunk has no outputs, but its timing
             # tells the front end that the next step begins now), or a heartbeat.
-            if outputs or queued or timings or now - self.last_sent >= HEARTBEAT_S:
-                self.send(EngineOutputs(outputs, self.core.stats(), timings, queued))
+            if outputs or queued or timings or moved or now - self.last_sent >= HEARTBEAT_S:
+                self.send(EngineOutputs(outputs, self.core.stats(), timings, queued, moved))
                 self.last_sent = now
-            if busy and not stepped:
+            if busy and not stepped and not cluster:
                 time.sleep(IDLE_POLL_S)  # nothing schedulable right now
 
 
@@ -121,9 +132,9 @@ def warm_up(core: Any) -> None:
         core.add_request(EngineRequest(f"warmup-{i}", ids, params, time.time()))
         if i == 0:  # the long prompt on its own, then the batch
             while core.has_unfinished:
-                core.step()
+                core.step(0.5)
     while core.has_unfinished:
-        core.step()
+        core.step(0.5)
 
 
 def worker_main(options: dict[str, Any], conn: Connection, priority_order: bool = False,
@@ -131,27 +142,35 @@ def worker_main(options: dict[str, Any], conn: Connection, priority_order: bool 
     """Entry point of the engine process (a multiprocessing "spawn" target)."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s engine[%(process)d] %(name)s: %(message)s")
     worker: Worker | None = None
+    core: Any = None
     try:
         from kunlite.engine.args import EngineOptions
         from kunlite.engine.core import EngineCore
 
         opts = EngineOptions(**options)
-        if opts.threads:
-            import torch
+        if opts.devices > 1:
+            from kunlite.engine.cluster.coordinator import Cluster
 
-            torch.set_num_threads(opts.threads)
-        config = opts.build()
-        core = EngineCore(config, priority_order=priority_order)
+            core = Cluster(opts, priority_order=priority_order, log_level=logging.getLevelName(log_level).lower())
+            config = core.config
+        else:
+            if opts.threads:
+                import torch
+
+                torch.set_num_threads(opts.threads)
+            config = opts.build()
+            core = EngineCore(config, priority_order=priority_order)
         if warmup:
             warm_up(core)
         worker = Worker(core, conn)
         worker.send(EngineReady(core.kv_capacity_tokens, core.max_model_len, config.model.num_layers,
-                                str(config.device.torch_dtype).removeprefix("torch."), config.device.backend_name))
+                                str(config.device.torch_dtype).removeprefix("torch."), config.device.backend_name,
+                                len(getattr(core, "instances", [0])), opts.devices))
         worker.send(EngineOutputs([], core.stats(), core.take_timings()))
         worker.last_sent = time.monotonic()
         worker.run()
     except _Shutdown:
-        log.info("engine worker %d stops", os.getpid())
+        log.info("engine process %d stops", os.getpid())
     except BaseException as e:  # the core raised: a bug, or the device failed
         log.error("engine worker failed:\n%s", traceback.format_exc())
         try:
@@ -160,4 +179,6 @@ def worker_main(options: dict[str, Any], conn: Connection, priority_order: bool 
             pass
         sys.exit(1)
     finally:
+        if core is not None:
+            core.shutdown()
         conn.close()

@@ -71,6 +71,7 @@ class InFlight:
     live_seqs: int = 0  # choices still running, once started
     choice_tokens: list[int] = field(default_factory=list)  # tokens of each choice, once started
     predicted_ttft: float | None = None  # seconds from arrival, the replay's (uncalibrated)
+    instance: int = 0  # the engine instance serving it
 
     @property
     def remaining(self) -> int:
@@ -110,11 +111,12 @@ class Ledger:
     def remove(self, request_id: str) -> InFlight | None:
         return self.requests.pop(request_id, None)
 
-    def pending(self) -> list[InFlight]:
-        return [r for r in self.requests.values() if not r.started]
+    def pending(self, instance: int | None = None) -> list[InFlight]:
+        """Requests with no token yet (on `instance`, or on any)."""
+        return [r for r in self.requests.values() if not r.started and instance in (None, r.instance)]
 
-    def running(self) -> list[InFlight]:
-        return [r for r in self.requests.values() if r.started and r.live_seqs > 0]
+    def running(self, instance: int | None = None) -> list[InFlight]:
+        return [r for r in self.requests.values() if r.started and r.live_seqs > 0 and instance in (None, r.instance)]
 
 
 @dataclass(frozen=True)
@@ -272,10 +274,10 @@ class AdmissionPolicy:
         return sorted(ahead, key=lambda r: (r.priority, r.arrival))  # stable: FCFS among equals
 
     def predict_ttft(self, new: InFlight, running: list[InFlight], pending: list[InFlight],
-                     now: float = 0.0, step_start: float | None = None) -> float:
+                     now: float = 0.0, step_start: float | None = None, model: StepCostModel | None = None) -> float:
         """Seconds from `now` to `new`'s first token. `step_start`: when the engine's current
         step began (None: idle)."""
-        replay = _Replay(self.model, self.cfg, running)
+        replay = _Replay(model or self.model, self.cfg, running)
         rest = replay.step_in_flight(pending, now, step_start)
         for req in self.ahead_of(new, rest):
             replay.prefill(req)
@@ -285,24 +287,31 @@ class AdmissionPolicy:
         # in the budget it left).
         return replay.t
 
-    def predict_tpot(self, new: InFlight, running: list[InFlight]) -> float:
+    def predict_tpot(self, new: InFlight, running: list[InFlight], model: StepCostModel | None = None) -> float:
         seqs = min(sum(r.live_seqs for r in running) + new.n, self.cfg.max_num_seqs)
         context = sum(r.context * r.live_seqs for r in running) + new.prompt_tokens * new.n
-        return self.model.step_seconds(0, seqs, context)
+        return (model or self.model).step_seconds(0, seqs, context)
 
-    def decide(self, new: InFlight, ledger: Ledger, now: float = 0.0, step_start: float | None = None) -> Decision:
-        running, pending = ledger.running(), ledger.pending()
+    def decide(self, new: InFlight, ledger: Ledger, now: float = 0.0, step_start: float | None = None, *,
+                instance: int | None = None, model: StepCostModel | None = None) -> Decision:
+        """Admit or reject `new`, which would run on `instance` (None: the only one), whose
+        steps cost what `model` says (default: this policy's model). The queue caps count the
+        whole server's queue."""
+        running, pending = ledger.running(instance), ledger.pending(instance)
+        model = model or self.model
         # From the request's arrival (tokenizing it took some of its budget), calibrated.
-        raw = max(now - new.arrival, 0.0) + self.predict_ttft(new, running, pending, now, step_start)
-        return replace(self._judge(new, running, pending, raw * self.calibration.factor), raw_ttft=raw)
+        raw = max(now - new.arrival, 0.0) + self.predict_ttft(new, running, pending, now, step_start, model)
+        decision = self._judge(new, running, ledger.pending(), raw * self.calibration.factor, model)
+        return replace(decision, raw_ttft=raw)
 
-    def _judge(self, new: InFlight, running: list[InFlight], pending: list[InFlight], ttft: float) -> Decision:
+    def _judge(self, new: InFlight, running: list[InFlight], queued_all: list[InFlight], ttft: float,
+               model: StepCostModel) -> Decision:
         cfg = self.cfg
-        if cfg.max_queued_requests is not None and len(pending) + 1 > cfg.max_queued_requests:
+        if cfg.max_queued_requests is not None and len(queued_all) + 1 > cfg.max_queued_requests:
             return Decision(False, ttft, "queue_requests",
-                            f"the server is overloaded: {len(pending)} requests are queued "
+                            f"the server is overloaded: {len(queued_all)} requests are queued "
                             f"(--max-queued-requests {cfg.max_queued_requests})", ttft)
-        queued = sum(r.prompt_tokens for r in pending)
+        queued = sum(r.prompt_tokens for r in queued_all)
         if cfg.max_queued_tokens is not None and queued + new.prompt_tokens > cfg.max_queued_tokens:
             return Decision(False, ttft, "queue_tokens",
                             f"the server is overloaded: {queued} prompt tokens are queued and this "
@@ -316,13 +325,13 @@ class AdmissionPolicy:
                             f"{ttft * 1e3:.0f} ms, over the SLO of {cfg.slo_ttft_s * 1e3:.0f} ms",
                             ttft - cfg.slo_ttft_s)
         if cfg.slo_tpot_s is not None:
-            tpot = self.predict_tpot(new, running)
+            tpot = self.predict_tpot(new, running, model)
             if tpot > cfg.slo_tpot_s and running:
                 soonest = min(r.remaining for r in running)
                 return Decision(False, ttft, "slo_tpot",
                                 f"the server is overloaded: the predicted time per output token is "
                                 f"{tpot * 1e3:.0f} ms, over the SLO of {cfg.slo_tpot_s * 1e3:.0f} ms",
-                                soonest * self.model.step_seconds(0, sum(r.live_seqs for r in running)))
+                                soonest * model.step_seconds(0, sum(r.live_seqs for r in running)))
         return Decision(True, ttft)
 
     def deadline(self, arrival: float) -> float | None:

@@ -26,6 +26,7 @@ from kunlite.server.errors import ApiError, bad_request
 from kunlite.server.openai_serving import OpenAIServing, chat_messages, decode_body
 from kunlite.server.protocol import (DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, TokenizeRequest,
                                      TokenizeResponse, encoder)
+from kunlite.server.cluster_view import cluster_view
 from kunlite.server.runtime import Runtime, ServeConfig
 
 log = logging.getLogger("kunlite.server")
@@ -123,7 +124,17 @@ def build_app(cfg: ServeConfig, on_fatal: Callable[[str], None] | None = None) -
     async def health(request: Request) -> Response:
         if rt.status != "ready":
             return ApiError(503, rt.status_detail, code=rt.status).response()
-        return JSONResponse({"status": "ok"})
+        stats = rt.metrics.stats
+        states = [{"id": i.id, "state": i.state} for i in (stats.instances if stats else [])]
+        if all(s["state"] == "serving" for s in states):
+            return JSONResponse({"status": "ok", "instances": states})
+        if not any(s["state"] == "serving" for s in states):
+            return ApiError(503, "no instance of the cluster is serving", code="engine_unavailable").response()
+        return JSONResponse({"status": "degraded", "instances": states})
+
+    async def cluster(request: Request) -> Response:
+        require_ready()
+        return json_response(cluster_view(rt))
 
     async def metrics(request: Request) -> Response:
         return Response(rt.metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -154,6 +165,7 @@ def build_app(cfg: ServeConfig, on_fatal: Callable[[str], None] | None = None) -
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
+        Route("/v1/cluster", cluster, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,

@@ -66,10 +66,14 @@ class Generation:
         if rt.engine is None or not rt.engine.alive or rt.policy is None:
             raise engine_unavailable(rt.status_detail)
         max_tokens = self.params.max_tokens or 1
+        instance = rt.dispatch()
+        if instance is None:
+            raise engine_unavailable("no instance of the cluster is serving")
         whole = InFlight(prompt_tokens=sum(len(s.prompt_token_ids) for s in self.states),
                          n=self.params.n * len(self.states), max_tokens=max_tokens,
-                         priority=self.priority, arrival=self.arrival)
-        decision = rt.policy.decide(whole, rt.ledger, time.monotonic(), rt.step_start())
+                         priority=self.priority, arrival=self.arrival, instance=instance)
+        decision = rt.policy.decide(whole, rt.ledger, time.monotonic(), rt.step_start(instance), instance=instance,
+                                    model=rt.cost_model(instance))
         log.debug("%s: %s, predicted TTFT %.0f ms (%s)", self.id, "admitted" if decision.admit else "rejected",
                   decision.predicted_ttft * 1e3, decision.reason or "ok")
         if not decision.admit:
@@ -79,9 +83,10 @@ class Generation:
         now = time.time()
         for s in self.states:
             rt.ledger.add(s.request_id, InFlight(len(s.prompt_token_ids), self.params.n, max_tokens,
-                                                 self.priority, self.arrival, predicted_ttft=decision.raw_ttft))
-            rt.engine.submit(EngineRequest(s.request_id, s.prompt_token_ids, self.params, now, self.priority),
-                             self.queue)
+                                                 self.priority, self.arrival, predicted_ttft=decision.raw_ttft,
+                                                 instance=instance))
+            rt.engine.submit(EngineRequest(s.request_id, s.prompt_token_ids, self.params, now, self.priority,
+                                           instance), self.queue)
         self._submitted = True
 
     # ------------------------------------------------------------------ disconnects
@@ -118,6 +123,8 @@ class Generation:
             if isinstance(item, EngineDead):
                 raise engine_unavailable(item.message)
             assert isinstance(item, RequestOutput)  # invariant: the queue holds nothing else
+            if item.finish_reason == "error":  # the device serving it died; nothing more will come
+                raise engine_unavailable("a device serving this request failed; the request was not completed")
             i = self._index[item.request_id]
             delta = self.states[i].process(item)
             if delta is None:

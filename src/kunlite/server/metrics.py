@@ -49,6 +49,36 @@ class ServerMetrics:
                                 m + ["finished_reason"], registry=r)
         self._rejected = Counter("kunlite:requests_rejected", "Requests turned away by admission, by reason.",
                                  m + ["reason"], registry=r)
+        # The cluster: one series per device, labelled with its instance.
+        d = m + ["instance", "device"]
+
+        def device_gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"kunlite:device_{name}", doc, d, registry=r)
+
+        self._device = {
+            "param_bytes": device_gauge("param_bytes", "Bytes of the device's pool that hold parameters."),
+            "kv_used_bytes": device_gauge("kv_used_bytes", "Bytes of KV pages in use on the device."),
+            "kv_free_bytes": device_gauge("kv_free_bytes", "Bytes of KV pages free on the device."),
+            "kv_demand_bytes": device_gauge("kv_demand_bytes", "KV in use plus the KV the instance's waiting "
+                                            "requests need, on this device (the dispatcher's measure)."),
+            "num_requests_running": device_gauge("num_requests_running", "Requests running on the device's instance."),
+            "num_requests_waiting": device_gauge("num_requests_waiting", "Requests waiting on the device's instance."),
+            "up": device_gauge("up", "1 while the device's worker is alive."),
+        }
+        self._instance_state = Gauge("kunlite:instance_state", "1 for the instance's current state.",
+                                     m + ["instance", "state"], registry=r)
+        self._overload = {name: Counter(f"kunlite:{name}", doc, m, registry=r) for name, doc in (
+            ("num_swaps_out", "Preempted requests whose KV went to host memory."),
+            ("num_swaps_in", "Swapped-out requests whose KV came back."),
+            ("swap_out_bytes", "Bytes of KV swapped out to host memory."),
+            ("swap_in_bytes", "Bytes of KV swapped back in."),
+            ("num_migrations", "Requests moved live to another instance."),
+            ("migration_bytes", "Bytes of KV moved by migrations."),
+            ("migration_pause_seconds", "Seconds migrating requests were paused for their last copy."),
+            ("num_migrations_aborted", "Migrations abandoned (a side failed or the request ended)."),
+            ("num_worker_deaths", "Device workers that died."),
+        )}
+        self._overload_seen: dict[str, float] = {}
         self.model_name = model_name
         self.ttft = self._ttft.labels(model_name)
         self.itl = self._itl.labels(model_name)
@@ -91,6 +121,29 @@ class ServerMetrics:
         if stats.num_preemptions_total > self._preemptions_seen:
             self.preemptions.inc(stats.num_preemptions_total - self._preemptions_seen)
             self._preemptions_seen = stats.num_preemptions_total
+        for name, counter in self._overload.items():
+            total = float(getattr(stats, f"{name}_total"))
+            if total > self._overload_seen.get(name, 0.0):
+                counter.labels(self.model_name).inc(total - self._overload_seen.get(name, 0.0))
+                self._overload_seen[name] = total
+        self._set_devices(stats)
+
+    def _set_devices(self, stats: EngineStats) -> None:
+        """Per-device series; an instance that is gone (merged, re-formed) leaves no stale one."""
+        for g in [*self._device.values(), self._instance_state]:
+            g.clear()
+        for inst in stats.instances:
+            iid = str(inst.id)
+            self._instance_state.labels(self.model_name, iid, inst.state).set(1)
+            for dev in inst.devices:
+                per_block = dev.kv_total_bytes / max(inst.total_blocks, 1)  # this device's bytes per block
+                values = {"param_bytes": dev.param_bytes, "kv_used_bytes": dev.kv_used_bytes,
+                          "kv_free_bytes": dev.kv_total_bytes - dev.kv_used_bytes,
+                          "kv_demand_bytes": dev.kv_used_bytes + inst.waiting_blocks * per_block,
+                          "num_requests_running": inst.running, "num_requests_waiting": inst.waiting,
+                          "up": int(dev.alive)}
+                for name, value in values.items():
+                    self._device[name].labels(self.model_name, iid, str(dev.rank)).set(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -104,6 +157,15 @@ class ServerMetrics:
         dt = max(now - t0, 1e-9)
         s = self.stats
         running, waiting, kv = (s.num_running, s.num_waiting, s.kv_usage * 100) if s else (0, 0, 0.0)
-        return (f"running: {running} reqs, waiting: {waiting} reqs, KV cache usage: {kv:.1f}%, "
+        line = (f"running: {running} reqs, waiting: {waiting} reqs, KV cache usage: {kv:.1f}%, "
                 f"prompt throughput: {(prompt - p0) / dt:.1f} tokens/s, "
                 f"generation throughput: {(gen - g0) / dt:.1f} tokens/s")
+        if s is not None and len(s.instances) > 1:
+            parts = []
+            for inst in s.instances:
+                ranks = ",".join(str(d.rank) for d in inst.devices)
+                usage = 100 * inst.used_blocks / max(inst.total_blocks, 1)
+                parts.append(f"instance {inst.id} [{inst.state}, devices {ranks}]: {inst.running} running, "
+                             f"{inst.waiting} waiting, KV {usage:.1f}%")
+            line += "; " + "; ".join(parts)
+        return line

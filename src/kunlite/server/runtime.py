@@ -20,9 +20,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kunlite.engine.args import EngineOptions
-from kunlite.engine.messages import EngineOutputs
+from kunlite.engine.cluster.dispatch import InstanceLoad, blocks_for, choose_instance
+from kunlite.engine.messages import EngineOutputs, InstanceStats
 from kunlite.engine.tokenizer import Tokenizer
 from kunlite.server.admission import AdmissionConfig, AdmissionPolicy, Ledger
+from kunlite.server.cost_model import StepCostModel
 from kunlite.server.engine_client import EngineClient
 from kunlite.server.metrics import ServerMetrics
 
@@ -75,6 +77,7 @@ class Runtime:
         # The engine's latest message: when it came, and whether the engine was idle then.
         self._engine_said_at = 0.0
         self._engine_idle = True
+        self._cost_models: dict[int, StepCostModel] = {}  # per instance but the first (policy.model)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -134,16 +137,54 @@ class Runtime:
 
     # ------------------------------------------------------------------ accounting
 
-    def step_start(self) -> float | None:
-        """When the engine's current step began, as far as the front end can tell (monotonic
-        seconds), or None if it is idle. A busy worker begins a step right after each message;
-        an idle one, when the first request after its last message reaches it."""
-        if not self.ledger.requests:
+    def step_start(self, instance: int | None = None) -> float | None:
+        """When the current step of the engine (of `instance`, in a cluster) began, as far as
+        the front end can tell (monotonic seconds), or None if it is idle. A busy engine begins
+        a step right after each message; an idle one, when the first request after its last
+        message reaches it. (In a cluster, instances step independently: an approximation.)"""
+        reqs = [r for r in self.ledger.requests.values() if instance in (None, r.instance)]
+        if not reqs:
             return None
-        if not self._engine_idle:
+        if not self._idle(instance):
             return self._engine_said_at
-        later = [r.arrival for r in self.ledger.requests.values() if r.arrival >= self._engine_said_at]
+        later = [r.arrival for r in reqs if r.arrival >= self._engine_said_at]
         return min(later) if later else None
+
+    def _idle(self, instance: int | None) -> bool:
+        stats = self.metrics.stats
+        if instance is None or stats is None or len(stats.instances) <= 1:
+            return self._engine_idle
+        inst = self.instance(instance)
+        return inst is None or inst.running + inst.waiting == 0
+
+    def instance(self, iid: int) -> InstanceStats | None:
+        stats = self.metrics.stats
+        return next((i for i in stats.instances if i.id == iid), None) if stats is not None else None
+
+    def cost_model(self, instance: int | None) -> StepCostModel | None:
+        """The step cost model of an instance (they differ: a pipeline's steps are not a
+        replica's)."""
+        if self.policy is None:
+            return None
+        if not instance:
+            return self.policy.model
+        return self._cost_models.setdefault(instance, StepCostModel())
+
+    def dispatch(self) -> int | None:
+        """The instance a new request goes to: the engine's dispatcher (Llumnix's freeness) on
+        the front end's view: the latest device stats, and its own ledger for what is queued
+        (which includes requests the engine has not reported yet). None when no instance serves."""
+        stats = self.metrics.stats
+        if stats is None or not stats.instances:
+            return 0
+        ps = stats.page_size
+        loads = []
+        for inst in stats.instances:
+            pending = self.ledger.pending(inst.id)
+            loads.append(InstanceLoad(inst.id, inst.state == "serving", inst.total_blocks, inst.used_blocks,
+                                      sum(blocks_for(r.prompt_tokens, ps, r.n) for r in pending),
+                                      len(self.ledger.running(inst.id)), len(pending)))
+        return choose_instance(loads)
 
     def on_engine_outputs(self, msg: EngineOutputs) -> None:
         now = time.monotonic()
@@ -151,12 +192,16 @@ class Runtime:
         m.on_stats(msg.stats)
         self._engine_said_at = now
         self._engine_idle = msg.stats.num_running == 0 and msg.stats.num_waiting == 0
-        if self.policy is not None and msg.timings:
-            self.policy.model.observe(msg.timings)
-            if log.isEnabledFor(logging.DEBUG):
-                for t in msg.timings:
-                    log.debug("step %s predicted %.3f", t, self.policy.model.step_seconds(
-                        t.num_prefill_tokens, t.num_decode_tokens, t.num_context_tokens))
+        for t in msg.timings:
+            model = self.cost_model(t.instance)
+            if model is not None:
+                model.observe([t])
+                log.debug("step %s predicted %.3f", t, model.step_seconds(
+                    t.num_prefill_tokens, t.num_decode_tokens, t.num_context_tokens))
+        for rid, iid in msg.moved:
+            moved = self.ledger.requests.get(rid)
+            if moved is not None:
+                moved.instance = iid
         for _, seconds in msg.queue_times:
             m.queue_time.observe(seconds)
         for out in msg.outputs:

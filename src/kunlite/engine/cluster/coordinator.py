@@ -1,0 +1,398 @@
+"""The coordinator of a cluster: instances of device workers, driven as one engine.
+
+It runs in the engine process (behind the server) or in the offline `LLM`'s process. It hosts
+the rendezvous store and the control socket, starts the local workers, and then loops:
+
+    plan      every serving instance with room for a step plans one; its members get their work
+    collect   StageDone from the last member commits the step (tokens become outputs)
+    watch     a worker that exits, stops sending heartbeats or reports a failure is dead: its
+              instance's requests end with an error at once, the worker is started again, and
+              once it is loaded the world is re-formed (every worker joins a new generation
+              while no transfer is in flight); then the instance serves again
+
+Instances are replicas (one member) or static pipelines (`--pipeline-parallel K` members over
+balanced contiguous layer ranges). Scheduling lives here, in each `Instance`; the workers only
+execute. Every wait is a poll with a timeout over the control socket, the workers' pidfds and
+the caller's wake-up descriptor.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import Any
+
+import zmq
+
+from kunlite.config import ConfigError, parse_size
+from kunlite.engine.args import EngineOptions
+from kunlite.engine.block_manager import BlockManager
+from kunlite.engine.cluster import launch
+from kunlite.engine.cluster.dispatch import InstanceLoad, blocks_for, choose_instance
+from kunlite.engine.cluster.launch import WorkerState
+from kunlite.engine.cluster.messages import (Assign, FromWorker, Heartbeat, Hello, Ping, Ready, Reform, Reformed,
+                                             Shutdown, StepFailed, WorkerFailed)
+from kunlite.engine.instance import Instance, Member, eos_token_ids
+from kunlite.engine.messages import (DeviceStats, EngineRequest, EngineStats, InstanceStats, RequestOutput,
+                                     StepTiming)
+from kunlite.engine.preemption import make_policy
+from kunlite.engine.work import StageDone
+from kunlite.transfer.control import ControlError, ControlServer
+from kunlite.transfer.world import STORE_KEY_CONTROL, Rendezvous, host_store
+
+log = logging.getLogger("kunlite.cluster")
+
+PING_S = 1.0  # the coordinator's keep-alive to idle workers
+
+
+class Cluster:
+    def __init__(self, options: EngineOptions, *, priority_order: bool = False, log_level: str = "info") -> None:
+        self.options = options
+        self.config = options.build()
+        cfg, model = options, self.config.model
+        N, K = cfg.devices, cfg.pipeline_parallel
+        if N < 1 or K < 1 or N % K:
+            raise ConfigError(f"--devices {N} is not a multiple of --pipeline-parallel {K}")
+        if K > model.num_layers:
+            raise ConfigError(f"--pipeline-parallel {K} exceeds the model's {model.num_layers} layers")
+        local = N if cfg.local_devices is None else cfg.local_devices
+        if not 0 <= local <= N:
+            raise ConfigError(f"--local-devices {local} must be between 0 and --devices {N}")
+        self.stage_layers = launch.balanced_ranges(model.num_layers, K)
+        self.priority_order = priority_order
+        self.log_level = log_level
+        self.eos = eos_token_ids(self.config.model_dir)
+        self.max_model_len = self.config.max_model_len
+        self.policy_name = cfg.overload_policy
+        self.swap_bytes = parse_size(cfg.swap_space) if cfg.swap_space else 0
+        addr = cfg.master_addr
+        port = cfg.master_port or launch.free_port(addr)
+        try:
+            self.store = host_store(addr, port, cfg.join_timeout)
+        except Exception as e:  # noqa: BLE001 - torch raises several kinds for a port in use
+            raise ConfigError(f"cannot open the rendezvous store on {addr}:{port}: {e}") from None
+        self.rdzv = Rendezvous(addr, port, N, 0)
+        self.control: ControlServer[Any] = ControlServer(addr if addr != "0.0.0.0" else "0.0.0.0", 0, FromWorker)
+        self.store.set(STORE_KEY_CONTROL, self.control.address.replace("0.0.0.0", _advertised(addr)))
+        self.workers = {r: WorkerState(rank=r, local=r < local) for r in range(N)}
+        self.generation = -1
+        self.instances: list[Instance] = []
+        self.states: dict[int, str] = {}
+        self.counters: dict[str, float] = {"num_worker_deaths_total": 0}
+        self.moved: list[tuple[str, int]] = []
+        self._timings: list[StepTiming] = []
+        self._closed = False
+        try:
+            for w in self.workers.values():
+                if w.local:
+                    self._spawn(w)
+            self._bring_up()
+        except BaseException:
+            self.shutdown()
+            raise
+        self.kv_capacity_tokens = sum(i.kv.num_total_blocks for i in self.instances) * self.config.cache.page_size
+        log.info("cluster ready: %d devices, %d instance(s) of %d stage(s) %s; KV capacity %d tokens",
+                 N, len(self.instances), K, self.stage_layers, self.kv_capacity_tokens)
+
+    # ------------------------------------------------------------------ bring-up
+
+    def _spawn(self, w: WorkerState) -> None:
+        launch.spawn(w, replace(self.rdzv, rank=w.rank, local_rank=w.rank), self.log_level,
+                     self.options.comm_timeout)
+        w.last_seen = time.monotonic()
+
+    def _assignment(self, rank: int) -> Assign:
+        K = self.options.pipeline_parallel
+        opts = replace(self.options, layer_range=self.stage_layers[rank % K], devices=1, local_devices=None)
+        device = self.options.device
+        if device.startswith("cuda"):
+            device = f"cuda:{rank if self.workers[rank].local else 0}"
+        opts = replace(opts, device=device)
+        slots = 0
+        if self.swap_bytes:
+            slots = max(self.swap_bytes // self._page_bytes_estimate(), 1)
+        return Assign(_builtins(opts), int(slots), device)
+
+    def _page_bytes_estimate(self) -> int:
+        m, dtype = self.config.model, self.config.device.torch_dtype
+        return 2 * self.config.cache.page_size * m.num_kv_heads * m.head_dim * dtype.itemsize
+
+    def _bring_up(self) -> None:
+        """Wait until every rank is loaded, then form generation 0 and build the instances."""
+        deadline = time.monotonic() + self.options.join_timeout
+        while any(w.state != "ready" for w in self.workers.values()):
+            if time.monotonic() > deadline:
+                missing = sorted(r for r, w in self.workers.items() if w.state in ("starting", "dead"))
+                loading = sorted(r for r, w in self.workers.items() if w.state == "loading")
+                raise ConfigError(
+                    f"workers did not join within {self.options.join_timeout:.0f} s: ranks {missing} never reached "
+                    f"the rendezvous at {self.rdzv.master_addr}:{self.rdzv.master_port}"
+                    + (f", ranks {loading} were still loading" if loading else ""))
+            self._poll(0.2)
+            for w in self.workers.values():
+                if w.state == "dead":
+                    raise ConfigError(f"worker {w.rank} failed to start: {w.why}")
+        self._reform()
+        K = self.options.pipeline_parallel
+        self.instances = [self._new_instance(g, list(range(g * K, g * K + K))) for g in range(len(self.workers) // K)]
+        self.states = {i.id: "serving" for i in self.instances}
+
+    def _new_instance(self, iid: int, ranks: list[int]) -> Instance:
+        members = []
+        for r in ranks:
+            ready = self.workers[r].ready
+            assert ready is not None  # invariant: instances are built from loaded workers only
+            layers = self.stage_layers[r % len(ranks)]
+            kv = BlockManager(page_size=self.config.cache.page_size, layers=layers,
+                              num_layers=self.config.model.num_layers, pages=ready.kv_pages,
+                              enable_prefix_caching=self.config.cache.enable_prefix_caching)
+            members.append(Member(r, layers, kv))
+        inst = Instance(iid, members, self.config.scheduler, make_policy(self.config.scheduler.preemption_mode),
+                        self.eos, self.max_model_len, priority_order=self.priority_order)
+        if inst.kv.num_total_blocks * self.config.cache.page_size < self.max_model_len:
+            raise ConfigError(f"instance {iid} holds {inst.kv.num_total_blocks * self.config.cache.page_size} KV "
+                              f"tokens, fewer than --max-model-len {self.max_model_len}; raise --device-memory or "
+                              "lower --max-model-len")
+        return inst
+
+    def _reform(self) -> None:
+        """Every live worker leaves its generation and joins the next one (nothing in flight)."""
+        gen = self.generation + 1
+        for w in self.workers.values():
+            self._send(w.rank, Reform(gen))
+        deadline = time.monotonic() + self.options.join_timeout
+        while any(w.generation != gen for w in self.workers.values() if w.state == "ready"):
+            if time.monotonic() > deadline:
+                late = sorted(r for r, w in self.workers.items() if w.generation != gen)
+                raise ConfigError(f"ranks {late} did not join generation {gen} of the world "
+                                  f"(store {self.rdzv.master_addr}:{self.rdzv.master_port})")
+            self._poll(0.2)
+        self.generation = gen
+        log.info("world generation %d formed by %d workers", gen, len(self.workers))
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(self, req: EngineRequest) -> list[RequestOutput]:
+        """Queue a request on its instance (or the one the dispatcher picks). Returns an error
+        output at once when no instance serves."""
+        iid = req.instance
+        if iid is None or self.states.get(iid) != "serving":
+            iid = choose_instance(self.loads())
+            if iid is None:
+                return [RequestOutput(req.request_id, i, [], None, "error", len(req.prompt_token_ids), 0)
+                        for i in range(req.params.n)]
+            if req.instance is not None:
+                self.moved.append((req.request_id, iid))
+        self.instances[iid].add_request(req)
+        return []
+
+    def abort(self, request_ids: list[str], choices: list[tuple[str, int]] = ()) -> list[RequestOutput]:
+        return [o for inst in self.instances for o in inst.abort(request_ids, choices)]
+
+    @property
+    def has_unfinished(self) -> bool:
+        return any(i.has_unfinished for i in self.instances)
+
+    def running_request_ids(self) -> set[str]:
+        return {s.request_id for i in self.instances for s in i.scheduler.running}
+
+    def loads(self) -> list[InstanceLoad]:
+        ps = self.config.cache.page_size
+        return [InstanceLoad(i.id, self.states[i.id] == "serving", i.kv.num_total_blocks, i.kv.num_used_blocks,
+                             sum(blocks_for(s.num_tokens, ps, s.pending_children + 1) for s in i.scheduler.waiting),
+                             len(i.scheduler.running), len(i.scheduler.waiting)) for i in self.instances]
+
+    # ------------------------------------------------------------------ the loop
+
+    def step(self, timeout_s: float = 0.0, wake_fd: int | None = None) -> list[RequestOutput]:
+        """Plan what can run, wait up to `timeout_s` for workers (or `wake_fd`), handle what
+        they said, plan again. Returns the outputs of the steps that committed."""
+        outputs: list[RequestOutput] = []
+        self._plan_all(outputs)
+        self._poll(timeout_s, wake_fd, outputs)
+        self._watch(outputs)
+        self._plan_all(outputs)
+        return outputs
+
+    def _plan_all(self, outputs: list[RequestOutput]) -> None:
+        for inst in self.instances:
+            while self.states[inst.id] == "serving" and inst.can_plan():
+                works = inst.plan()
+                if works is None:
+                    break
+                for work in works:
+                    if not self._send(inst.members[work.stage].rank, work):
+                        break
+
+    def _send(self, rank: int, msg: Any) -> bool:
+        w = self.workers[rank]
+        if w.state == "dead":
+            return False
+        try:
+            self.control.send(rank, msg)
+            return True
+        except ControlError as e:
+            self._death(w, str(e), [])
+            return False
+
+    def _poll(self, timeout_s: float, wake_fd: int | None = None, outputs: list[RequestOutput] | None = None) -> None:
+        outputs = outputs if outputs is not None else []
+        poller = zmq.Poller()
+        poller.register(self.control.socket, zmq.POLLIN)
+        for w in self.workers.values():
+            if w.pidfd is not None and w.state != "dead":
+                poller.register(w.pidfd, zmq.POLLIN)
+        if wake_fd is not None:
+            poller.register(wake_fd, zmq.POLLIN)
+        poller.poll(int(timeout_s * 1000))
+        now = time.monotonic()
+        for rank, _, msg in self.control.recv_all():
+            w = self.workers[rank]
+            w.last_seen = now
+            self._handle(w, msg, outputs)
+
+    def _handle(self, w: WorkerState, msg: Any, outputs: list[RequestOutput]) -> None:
+        if isinstance(msg, Heartbeat):
+            return
+        if isinstance(msg, StageDone):
+            inst = self.instances[msg.instance] if msg.instance < len(self.instances) else None
+            if inst is not None and msg.step_id in inst.flights and msg.rank == inst.members[-1].rank:
+                outputs.extend(inst.commit(msg))
+        elif isinstance(msg, Hello):
+            if w.state == "ready":
+                self._death(w, "it started again", outputs)
+            w.pid, w.host, w.state = msg.pid, msg.host, "loading"
+            self._send(w.rank, self._assignment(w.rank))
+        elif isinstance(msg, Ready):
+            w.ready, w.state = msg, "ready"
+        elif isinstance(msg, Reformed):
+            w.generation = msg.generation
+        elif isinstance(msg, WorkerFailed):
+            self._death(w, msg.message, outputs)
+        elif isinstance(msg, StepFailed):
+            inst = self.instances[msg.instance]
+            if msg.step_id in inst.flights:
+                log.warning("instance %d: step failed on worker %d: %s", inst.id, msg.rank, msg.message)
+                self._fail_instance(inst, outputs)
+
+    def _watch(self, outputs: list[RequestOutput]) -> None:
+        """Deaths (exits, silence), restarts, and bringing restarted instances back."""
+        now = time.monotonic()
+        for w in self.workers.values():
+            if w.state == "dead":
+                continue
+            if w.local and launch.exited(w):
+                self._death(w, f"its process exited with status {w.popen.returncode}", outputs)  # type: ignore[union-attr]
+            elif now - w.last_seen > self.options.heartbeat_timeout:
+                self._death(w, f"no heartbeat for {now - w.last_seen:.1f} s", outputs)
+            elif now - w.last_seen > PING_S:
+                self._send(w.rank, Ping())
+        if any(s != "serving" for s in self.states.values()):
+            self._recover()
+
+    def _death(self, w: WorkerState, why: str, outputs: list[RequestOutput]) -> None:
+        if w.state == "dead":
+            return
+        log.error("worker %d (pid %s) is dead: %s", w.rank, w.pid, why)
+        was_ready = w.state == "ready"
+        w.state, w.why, w.generation = "dead", why, -1
+        w.deaths += 1
+        w.close()
+        self.counters["num_worker_deaths_total"] += 1
+        for inst in self.instances:
+            if any(m.rank == w.rank for m in inst.members):
+                self._fail_instance(inst, outputs)
+        if not self.instances and not was_ready:
+            return  # during bring-up the caller reports it
+        if w.local and self.options.restart_workers:
+            self._spawn(w)
+
+    def _fail_instance(self, inst: Instance, outputs: list[RequestOutput]) -> None:
+        failed = inst.fail("error")
+        if failed:
+            log.error("instance %d: %d request(s) ended with an error", inst.id, len(failed))
+        outputs.extend(failed)
+        self.states[inst.id] = "degraded"
+
+    def _recover(self) -> None:
+        """Once every worker is loaded again and nothing is in flight, re-form the world and
+        let the instances that were down serve again."""
+        down = [i for i in self.instances if self.states[i.id] != "serving"]
+        if any(w.state != "ready" for w in self.workers.values()):
+            for inst in down:
+                if all(self.workers[m.rank].state in ("loading", "ready") for m in inst.members):
+                    self.states[inst.id] = "restarting"
+            return
+        if any(i.flights for i in self.instances):
+            return  # quiesce: the serving instances finish their steps first
+        self._reform()
+        for inst in down:
+            fresh = self._new_instance(inst.id, [m.rank for m in inst.members])
+            self.instances[inst.id] = fresh
+            self.states[inst.id] = "serving"
+            log.info("instance %d serves again", inst.id)
+
+    # ------------------------------------------------------------------ reporting
+
+    def stats(self) -> EngineStats:
+        insts = [self._instance_stats(i) for i in self.instances]
+        return EngineStats(
+            num_running=sum(s.running for s in insts), num_waiting=sum(s.waiting for s in insts),
+            kv_pages_used=sum(d.kv_used_bytes for s in insts for d in s.devices) // max(self._page_bytes(), 1),
+            kv_pages_total=sum(d.kv_total_bytes for s in insts for d in s.devices) // max(self._page_bytes(), 1),
+            num_preemptions_total=sum(i.scheduler.num_preemptions for i in self.instances),
+            param_pages=sum(w.ready.param_pages for w in self.workers.values() if w.ready),
+            page_size=self.config.cache.page_size, instances=insts,
+            num_worker_deaths_total=int(self.counters["num_worker_deaths_total"]))
+
+    def _page_bytes(self) -> int:
+        return next((w.ready.page_bytes for w in self.workers.values() if w.ready), 0)
+
+    def _instance_stats(self, inst: Instance) -> InstanceStats:
+        pb = self._page_bytes()
+        devices = []
+        for m in inst.members:
+            w = self.workers[m.rank]
+            devices.append(DeviceStats(m.rank, w.pid, w.host, w.ready.device if w.ready else self.options.device,
+                                       m.layers, w.state == "ready", w.ready.param_bytes if w.ready else 0,
+                                       m.kv.num_used_pages * pb, m.kv.num_kv_pages * pb))
+        load = self.loads()[inst.id]
+        return InstanceStats(inst.id, self.states[inst.id], load.running, load.waiting, load.used_blocks,
+                             load.total_blocks, load.waiting_blocks, self.config.cache.page_size, devices)
+
+    def take_timings(self) -> list[StepTiming]:
+        return [replace(t, instance=i.id) for i in self.instances for t in i.take_timings()]
+
+    def take_moved(self) -> list[tuple[str, int]]:
+        out, self.moved = self.moved, []
+        return out
+
+    # ------------------------------------------------------------------ the end
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for w in self.workers.values():
+            if w.state != "dead":
+                try:
+                    self.control.send(w.rank, Shutdown())
+                except ControlError:
+                    pass
+        for w in self.workers.values():
+            launch.stop(w, timeout_s)
+        self.control.close()
+
+
+def _builtins(opts: EngineOptions) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()}
+
+
+def _advertised(addr: str) -> str:
+    import socket
+
+    return socket.gethostbyname(socket.gethostname()) if addr == "0.0.0.0" else addr
+

@@ -1,0 +1,249 @@
+"""One instance: a group of devices serving as one pipeline, seen from the scheduling side.
+
+An instance owns its scheduler and the KV accounting of its members (`GroupKV`), and nothing
+that touches a tensor. A step is three moves, so that a caller can keep several in flight:
+
+    plan()    schedule a microbatch; returns one StageWork per member (or None)
+    (the members run it: the first embeds, each passes hidden states on, the last samples)
+    commit()  apply the last member's tokens: computed counts, forks, stops, outputs
+
+A replica (one member) keeps one step in flight; a pipeline of K members keeps up to K, each
+with an even share of the token budget and of the sequences, so that no stage idles while
+another works. A sequence in a step that is not committed is `in_flight`: the scheduler leaves
+it alone, and an abort of it takes effect when its step commits (its pages may still be written
+until then).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kunlite.config import SchedulerConfig
+from kunlite.engine.block_manager import BlockManager
+from kunlite.engine.group_kv import GroupKV
+from kunlite.engine.messages import EngineRequest, RequestOutput, StepTiming, TokenLogprobs
+from kunlite.engine.preemption import PreemptionPolicy
+from kunlite.engine.scheduler import Scheduler, SchedulerOutput, child_params
+from kunlite.engine.sequence import Sequence
+from kunlite.engine.work import PageMoves, SampleRow, StageDone, StageWork, WorkSeq, pack_pages
+
+
+def eos_token_ids(model_dir: str | Path) -> frozenset[int]:
+    """EOS ids from generation_config.json (int or list), else config.json."""
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        path = Path(model_dir) / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            ids.update([eos] if isinstance(eos, int) else (eos or []))
+            if ids:
+                break
+    return frozenset(ids)
+
+
+def stop_reason(seq: Sequence, eos: frozenset[int], max_model_len: int) -> str | None:
+    """Why the sequence ends after its latest token, or None. Stop strings are checked by the
+    front end, on text."""
+    p, token, n_out = seq.params, seq.output_token_ids[-1], len(seq.output_token_ids)
+    if n_out >= p.min_tokens and ((not p.ignore_eos and token in eos) or token in p.stop_token_ids):
+        return "stop"
+    if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= max_model_len:
+        return "length"
+    return None
+
+
+@dataclass
+class Member:
+    """A device of the instance: its rank, the layers it runs, and its KV accounting."""
+
+    rank: int
+    layers: tuple[int, int]
+    kv: BlockManager
+
+
+@dataclass
+class _Flight:
+    """A planned step that has not been committed."""
+
+    sched: SchedulerOutput
+    sampled: list[Sequence]  # sequences whose last token is sampled, in sample-row order
+    started: float  # time.perf_counter() at plan
+    prefill: int
+    decode: int
+    context: int
+
+
+class Instance:
+    def __init__(self, iid: int, members: list[Member], config: SchedulerConfig, policy: PreemptionPolicy,
+                 eos: frozenset[int], max_model_len: int, *, priority_order: bool = False) -> None:
+        self.id = iid
+        self.members = members
+        self.config = config
+        self.kv = GroupKV([m.kv for m in members])
+        self.scheduler = Scheduler(config, self.kv, policy, priority_order=priority_order)  # type: ignore[arg-type]
+        self.eos = eos
+        self.max_model_len = max_model_len
+        self.max_in_flight = len(members)
+        self.flights: dict[int, _Flight] = {}
+        self.timings: list[StepTiming] = []
+        self._step_ids = itertools.count()
+        self._aborting: set[str] = set()  # seq ids aborted while in flight
+        self._copies: list[tuple[int, int, int]] = []  # (member, src block, dst block) for the next step
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(self, req: EngineRequest) -> None:
+        self.scheduler.add(Sequence(seq_id=req.request_id, request_id=req.request_id, index=0,
+                                    prompt_token_ids=list(req.prompt_token_ids), params=req.params,
+                                    arrival_time=req.arrival_time, priority=req.priority,
+                                    pending_children=req.params.n - 1))
+
+    def abort(self, request_ids: list[str], choices: list[tuple[str, int]] = ()) -> list[RequestOutput]:
+        """End whole requests, or single choices of them; their KV is freed at once, or when
+        the step they are in commits."""
+        wanted = set(choices)
+        outs = []
+        for rid in set(request_ids) | {rid for rid, _ in wanted}:
+            for seq in self.scheduler.find(rid):
+                if rid in request_ids or (rid, seq.index) in wanted:
+                    if seq.in_flight:
+                        self._aborting.add(seq.seq_id)
+                    else:
+                        self.scheduler.finish(seq, "abort")
+                        outs.append(output_of(seq, []))
+        return outs
+
+    def fail(self, reason: str = "error") -> list[RequestOutput]:
+        """End every request with `reason` (a member died) and free all their KV."""
+        outs = []
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            seq.in_flight = False
+            self.scheduler.finish(seq, reason)
+            outs.append(output_of(seq, []))
+        self.flights.clear()
+        self._aborting.clear()
+        self._copies.clear()
+        return outs
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.members)
+
+    # ------------------------------------------------------------------ plan
+
+    def can_plan(self) -> bool:
+        return len(self.flights) < self.max_in_flight and self.scheduler.has_unfinished
+
+    def plan(self) -> list[StageWork] | None:
+        """Schedule the next microbatch; one StageWork per member, or None if nothing can run."""
+        K = self.num_stages
+        budget = max(self.config.max_num_batched_tokens // K, 1)
+        active = sum(1 for s in self.scheduler.running if not s.in_flight) + len(self.scheduler.waiting)
+        sched = self.scheduler.schedule(budget=budget, max_seqs=max(math.ceil(active / K), 1) if K > 1 else None)
+        if not sched.scheduled:
+            return None
+        step_id = next(self._step_ids)
+        for seq, _ in sched.scheduled:
+            seq.in_flight = True
+        seqs = [WorkSeq(s.seq_id, s.num_computed_tokens, s.token_ids[s.num_computed_tokens:s.num_computed_tokens + n])
+                for s, n in sched.scheduled]
+        sampled = [s for s, n in sched.scheduled if s.num_computed_tokens + n == s.num_tokens]
+        rows = self._sample_rows(sched, sampled)
+        copies, self._copies = self._copies, []
+        works = []
+        for i, m in enumerate(self.members):
+            table, shape = pack_pages(self._page_table(m, sched))
+            src, dst = m.kv.page_copies([(s, d) for j, s, d in copies if j == i])
+            works.append(StageWork(
+                step_id=step_id, instance=self.id, stage=i, num_stages=K,
+                prev_rank=self.members[i - 1].rank if i > 0 else -1,
+                next_rank=self.members[i + 1].rank if i + 1 < K else -1,
+                seqs=seqs, num_decodes=sched.num_decodes, page_table=table, table_shape=shape,
+                samples=rows if i == K - 1 else [], copies=PageMoves(src.tolist(), dst.tolist())))
+        prefill = sum(n for _, n in sched.scheduled if n > 1)
+        self.flights[step_id] = _Flight(sched, sampled, time.perf_counter(), prefill,
+                                        sched.num_batched_tokens - prefill,
+                                        sum(s.num_computed_tokens for s, _ in sched.scheduled))
+        return works
+
+    def _page_table(self, m: Member, sched: SchedulerOutput) -> np.ndarray:
+        """(L_m, B, max_blocks) pages of member m for the scheduled sequences; each row is padded
+        with its own first block, so that every entry names a real page of these layers."""
+        tables = [m.kv.tables[s.seq_id] for s, _ in sched.scheduled]
+        width = max(len(t) for t in tables)
+        ids = np.array([t + [t[0]] * (width - len(t)) for t in tables], dtype=np.int64)  # (B, max_blocks)
+        return m.kv.page_table(ids, m.layers)  # (L_m, B, max_blocks)
+
+    def _sample_rows(self, sched: SchedulerOutput, sampled: list[Sequence]) -> list[SampleRow]:
+        """One row per sampled sequence, then one per extra choice forked in this step (in the
+        order `Scheduler.fork_children` will create them), sharing its parent's logits."""
+        index = {id(s): i for i, (s, _) in enumerate(sched.scheduled)}
+        rows = [sample_row(index[id(s)], s.params, s) for s in sampled]
+        for parent, n in sched.scheduled:
+            if parent.pending_children and parent.num_computed_tokens + n >= parent.num_prompt_tokens:
+                for i in range(1, parent.pending_children + 1):
+                    rows.append(sample_row(index[id(parent)], child_params(parent.params, i), parent, step_index=0))
+        return rows
+
+    # ------------------------------------------------------------------ commit
+
+    def commit(self, done: StageDone) -> list[RequestOutput]:
+        """The last member finished step `done.step_id`: apply its tokens."""
+        flight = self.flights.pop(done.step_id)
+        sched = flight.sched
+        for seq, n in sched.scheduled:
+            seq.num_computed_tokens += n
+            seq.in_flight = False
+        pairs = self.scheduler.fork_children(sched)
+        self._copies += sched.block_copies  # (member, src, dst): before the children's next step
+        rows = flight.sampled + [child for _, child in pairs]
+        outputs = []
+        for r, seq in enumerate(rows):
+            if seq.seq_id in self._aborting:
+                continue
+            seq.append_token(done.tokens[r])
+            reason = stop_reason(seq, self.eos, self.max_model_len)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+            lp = done.logprobs[r] if done.logprobs is not None else None
+            outputs.append(output_of(seq, [done.tokens[r]], [lp] if lp is not None else None))
+        for seq, _ in sched.scheduled:
+            if seq.seq_id in self._aborting:
+                self._aborting.discard(seq.seq_id)
+                if not seq.is_finished:
+                    self.scheduler.finish(seq, "abort")
+                    outputs.append(output_of(seq, []))
+        self.timings.append(StepTiming(flight.prefill, flight.decode, flight.context,
+                                       time.perf_counter() - flight.started))
+        return outputs
+
+    def take_timings(self) -> list[StepTiming]:
+        out, self.timings = self.timings, []
+        return out
+
+
+def output_of(seq: Sequence, tokens: list[int], logprobs: list[TokenLogprobs] | None = None) -> RequestOutput:
+    return RequestOutput(seq.request_id, seq.index, tokens, logprobs, seq.finish_reason,
+                         seq.num_prompt_tokens, seq.num_cached_tokens)
+
+
+def sample_row(seq_index: int, params, seq: Sequence, step_index: int | None = None) -> SampleRow:  # type: ignore[no-untyped-def]
+    """A sample row; token histories travel only when the row's penalties need them."""
+    step = len(seq.output_token_ids) if step_index is None else step_index
+    penalties = params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+    if not penalties:
+        return SampleRow(seq_index, params, step)
+    outputs = list(seq.output_token_ids) if step_index is None else []
+    return SampleRow(seq_index, params, step, list(seq.prompt_token_ids), outputs)
+

@@ -1,0 +1,47 @@
+"""`GET /v1/cluster`: the monitor's view of every instance and device, as JSON.
+
+    {"object": "cluster", "time": <unix seconds>, "overload_policy": "recompute",
+     "instances": [{"id", "state", "running", "waiting", "kv_used_blocks", "kv_total_blocks",
+                    "waiting_blocks", "demand_blocks", "page_size",
+                    "devices": [{"rank", "pid", "host", "device", "layers": [l0, l1], "alive",
+                                 "param_bytes", "kv_used_bytes", "kv_total_bytes", "kv_free_bytes"}]}],
+     "counters": {"preemptions", "swaps_out", "swaps_in", "swap_out_bytes", "swap_in_bytes",
+                  "migrations", "migration_bytes", "migration_pause_seconds",
+                  "migrations_aborted", "worker_deaths"}}
+
+A state is "serving", "degraded" (a member died; its requests failed) or "restarting" (the
+member is loading again, or communication is being re-formed). `demand_blocks` is what the
+dispatcher weighs: the KV in use plus the KV the waiting requests need.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from kunlite.server.runtime import Runtime
+
+
+def cluster_view(rt: Runtime) -> dict[str, Any]:
+    stats = rt.metrics.stats
+    instances = []
+    for inst in stats.instances if stats else []:
+        devices = [{"rank": d.rank, "pid": d.pid, "host": d.host, "device": d.device, "layers": list(d.layers),
+                    "alive": d.alive, "param_bytes": d.param_bytes, "kv_used_bytes": d.kv_used_bytes,
+                    "kv_total_bytes": d.kv_total_bytes, "kv_free_bytes": d.kv_total_bytes - d.kv_used_bytes}
+                   for d in inst.devices]
+        instances.append({"id": inst.id, "state": inst.state, "running": inst.running, "waiting": inst.waiting,
+                          "kv_used_blocks": inst.used_blocks, "kv_total_blocks": inst.total_blocks,
+                          "waiting_blocks": inst.waiting_blocks, "demand_blocks": inst.used_blocks + inst.waiting_blocks,
+                          "page_size": inst.page_size, "devices": devices})
+    counters: dict[str, float] = {}
+    if stats is not None:
+        counters = {"preemptions": stats.num_preemptions_total, "swaps_out": stats.num_swaps_out_total,
+                    "swaps_in": stats.num_swaps_in_total, "swap_out_bytes": stats.swap_out_bytes_total,
+                    "swap_in_bytes": stats.swap_in_bytes_total, "migrations": stats.num_migrations_total,
+                    "migration_bytes": stats.migration_bytes_total,
+                    "migration_pause_seconds": stats.migration_pause_seconds_total,
+                    "migrations_aborted": stats.num_migrations_aborted_total,
+                    "worker_deaths": stats.num_worker_deaths_total}
+    return {"object": "cluster", "time": time.time(), "overload_policy": rt.cfg.engine.overload_policy,
+            "instances": instances, "counters": counters}
