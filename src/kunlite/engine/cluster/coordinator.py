@@ -23,6 +23,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+import msgspec
 import zmq
 
 from kunlite.config import ConfigError, parse_size
@@ -81,7 +82,9 @@ class Cluster:
         self.states: dict[int, str] = {}
         self.counters: dict[str, float] = {"num_worker_deaths_total": 0}
         self.moved: list[tuple[str, int]] = []
-        self._timings: list[StepTiming] = []
+        self.quiescing = False  # no new steps: the world is about to be re-formed
+        self._reforming: int | None = None  # the generation being formed
+        self._reform_deadline = 0.0
         self._closed = False
         try:
             for w in self.workers.values():
@@ -131,9 +134,11 @@ class Cluster:
                     + (f", ranks {loading} were still loading" if loading else ""))
             self._poll(0.2)
             for w in self.workers.values():
+                if w.local and w.state != "dead" and launch.exited(w):
+                    w.state, w.why = "dead", f"its process exited with status {w.popen.returncode}"  # type: ignore[union-attr]
                 if w.state == "dead":
                     raise ConfigError(f"worker {w.rank} failed to start: {w.why}")
-        self._reform()
+        self._form_first_generation()
         K = self.options.pipeline_parallel
         self.instances = [self._new_instance(g, list(range(g * K, g * K + K))) for g in range(len(self.workers) // K)]
         self.states = {i.id: "serving" for i in self.instances}
@@ -156,8 +161,8 @@ class Cluster:
                               "lower --max-model-len")
         return inst
 
-    def _reform(self) -> None:
-        """Every live worker leaves its generation and joins the next one (nothing in flight)."""
+    def _form_first_generation(self) -> None:
+        """At bring-up: every worker joins generation 0 of the world (blocking)."""
         gen = self.generation + 1
         for w in self.workers.values():
             self._send(w.rank, Reform(gen))
@@ -216,6 +221,8 @@ class Cluster:
         return outputs
 
     def _plan_all(self, outputs: list[RequestOutput]) -> None:
+        if self.quiescing:
+            return
         for inst in self.instances:
             while self.states[inst.id] == "serving" and inst.can_plan():
                 works = inst.plan()
@@ -227,14 +234,15 @@ class Cluster:
 
     def _send(self, rank: int, msg: Any) -> bool:
         w = self.workers[rank]
-        if w.state == "dead":
+        if w.state in ("dead", "starting"):  # a starting worker has not connected yet
             return False
         try:
             self.control.send(rank, msg)
-            return True
         except ControlError as e:
             self._death(w, str(e), [])
             return False
+        w.last_sent = time.monotonic()
+        return True
 
     def _poll(self, timeout_s: float, wake_fd: int | None = None, outputs: list[RequestOutput] | None = None) -> None:
         outputs = outputs if outputs is not None else []
@@ -262,6 +270,8 @@ class Cluster:
         elif isinstance(msg, Hello):
             if w.state == "ready":
                 self._death(w, "it started again", outputs)
+            if w.local and msg.pid != w.pid:
+                return  # a stale process of this rank, about to be killed
             w.pid, w.host, w.state = msg.pid, msg.host, "loading"
             self._send(w.rank, self._assignment(w.rank))
         elif isinstance(msg, Ready):
@@ -282,11 +292,13 @@ class Cluster:
         for w in self.workers.values():
             if w.state == "dead":
                 continue
+            # Until it has connected (importing torch), a worker has join_timeout; then heartbeats.
+            silence = self.options.join_timeout if w.state == "starting" else self.options.heartbeat_timeout
             if w.local and launch.exited(w):
                 self._death(w, f"its process exited with status {w.popen.returncode}", outputs)  # type: ignore[union-attr]
-            elif now - w.last_seen > self.options.heartbeat_timeout:
+            elif now - w.last_seen > silence:
                 self._death(w, f"no heartbeat for {now - w.last_seen:.1f} s", outputs)
-            elif now - w.last_seen > PING_S:
+            elif now - w.last_sent > PING_S:
                 self._send(w.rank, Ping())
         if any(s != "serving" for s in self.states.values()):
             self._recover()
@@ -298,6 +310,7 @@ class Cluster:
         was_ready = w.state == "ready"
         w.state, w.why, w.generation = "dead", why, -1
         w.deaths += 1
+        launch.kill(w)
         w.close()
         self.counters["num_worker_deaths_total"] += 1
         for inst in self.instances:
@@ -316,20 +329,35 @@ class Cluster:
         self.states[inst.id] = "degraded"
 
     def _recover(self) -> None:
-        """Once every worker is loaded again and nothing is in flight, re-form the world and
-        let the instances that were down serve again."""
+        """Once every worker is loaded again: stop planning, let the steps in flight finish,
+        re-form the world (every worker joins the next generation), and let the instances that
+        were down serve again. The serving instances pause for about one step."""
         down = [i for i in self.instances if self.states[i.id] != "serving"]
         if any(w.state != "ready" for w in self.workers.values()):
+            self.quiescing, self._reforming = False, None
             for inst in down:
                 if all(self.workers[m.rank].state in ("loading", "ready") for m in inst.members):
                     self.states[inst.id] = "restarting"
             return
-        if any(i.flights for i in self.instances):
-            return  # quiesce: the serving instances finish their steps first
-        self._reform()
+        if self._reforming is None:
+            self.quiescing = True
+            if any(i.flights for i in self.instances):
+                return
+            self._reforming = self.generation + 1
+            self._reform_deadline = time.monotonic() + self.options.join_timeout
+            for w in self.workers.values():
+                self._send(w.rank, Reform(self._reforming))
+            return
+        if any(w.generation != self._reforming for w in self.workers.values()):
+            if time.monotonic() > self._reform_deadline:
+                for w in self.workers.values():
+                    if w.generation != self._reforming:
+                        self._death(w, f"it did not join generation {self._reforming} of the world", [])
+            return
+        self.generation, self._reforming, self.quiescing = self._reforming, None, False
+        log.info("world generation %d formed by %d workers", self.generation, len(self.workers))
         for inst in down:
-            fresh = self._new_instance(inst.id, [m.rank for m in inst.members])
-            self.instances[inst.id] = fresh
+            self.instances[inst.id] = self._new_instance(inst.id, [m.rank for m in inst.members])
             self.states[inst.id] = "serving"
             log.info("instance %d serves again", inst.id)
 
@@ -362,7 +390,7 @@ class Cluster:
                              load.total_blocks, load.waiting_blocks, self.config.cache.page_size, devices)
 
     def take_timings(self) -> list[StepTiming]:
-        return [replace(t, instance=i.id) for i in self.instances for t in i.take_timings()]
+        return [msgspec.structs.replace(t, instance=i.id) for i in self.instances for t in i.take_timings()]
 
     def take_moved(self) -> list[tuple[str, int]]:
         out, self.moved = self.moved, []

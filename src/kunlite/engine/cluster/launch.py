@@ -53,7 +53,8 @@ class WorkerState:
     host: str = ""
     ready: Ready | None = None
     generation: int = -1  # the world generation it has joined
-    last_seen: float = 0.0
+    last_seen: float = 0.0  # when it last said anything (heartbeats included)
+    last_sent: float = 0.0  # when the coordinator last sent it anything
     deaths: int = 0
     why: str = ""
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -81,6 +82,13 @@ def spawn(w: WorkerState, rdzv: Rendezvous, log_level: str, comm_timeout_s: floa
 def exited(w: WorkerState) -> bool:
     """Whether a local worker's process has ended (reaped here)."""
     return w.popen is not None and w.popen.poll() is not None
+
+
+def kill(w: WorkerState) -> None:
+    """End a local worker that is declared dead but may still run (silent, or failed)."""
+    if w.popen is not None and w.popen.poll() is None:
+        w.popen.kill()
+        w.popen.wait(5)
 
 
 def stop(w: WorkerState, timeout_s: float) -> None:
