@@ -138,6 +138,7 @@ class CacheConfig:
     page_size: int = 16  # tokens per KV page
     device_memory: int | None = None  # bytes for the unified pool; None picks a default per device
     enable_prefix_caching: bool = True
+    swap_space: int = 0  # bytes of host memory per device for swapped-out KV (the swap policy)
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.page_size & (self.page_size - 1):

@@ -278,6 +278,14 @@ class BlockManager:
         for b in reversed(table):
             self._release(b)
 
+    def rename(self, old: str, new: str) -> None:
+        """Hand a table to another sequence id (a migration's reservation becomes the request)."""
+        if new in self.tables:
+            raise BlockManagerError(f"rename onto existing sequence {new!r}")
+        self.tables[new] = self._table(old)
+        del self.tables[old]
+        self._seq_hashes.pop(old, None)
+
     def forget(self, seq_id: str) -> None:
         """Drop the hash memo of a sequence that holds no blocks (e.g. aborted while waiting)."""
         if seq_id in self.tables:

@@ -41,11 +41,12 @@ class EngineCore:
         self.kv: BlockManager = self.runner.new_block_manager()
         self.eos = eos_token_ids(config.model_dir)
         self.max_model_len = config.max_model_len
+        swap_slots = config.cache.swap_space // self.runner.pool.page_bytes
         self.instance = Instance(0, [Member(0, config.layers, self.kv)], config.scheduler,
-                                 make_policy(config.scheduler.preemption_mode), self.eos, self.max_model_len,
-                                 priority_order=priority_order)
+                                 make_policy(config.scheduler.preemption_mode, [swap_slots]), self.eos,
+                                 self.max_model_len, priority_order=priority_order)
         self.scheduler = self.instance.scheduler
-        self.stage = StageRunner(self.runner, Sampler(seed=config.seed), self.eos)
+        self.stage = StageRunner(self.runner, Sampler(seed=config.seed), self.eos, swap_slots=swap_slots)
         if self.kv_capacity_tokens < self.max_model_len:
             # A sequence that can never fit would wait forever: refuse to start instead.
             raise ConfigError(
@@ -98,7 +99,8 @@ class EngineCore:
         return EngineStats(num_running=len(sched.running), num_waiting=len(sched.waiting),
                            kv_pages_used=kv.num_used_pages, kv_pages_total=kv.num_kv_pages,
                            num_preemptions_total=sched.num_preemptions,
-                           param_pages=pool.param_pages, page_size=kv.page_size, instances=[instance])
+                           param_pages=pool.param_pages, page_size=kv.page_size, instances=[instance],
+                           **self.instance.swap_counters(pool.page_bytes))
 
     def running_request_ids(self) -> set[str]:
         return {s.request_id for s in self.scheduler.running}

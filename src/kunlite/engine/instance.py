@@ -32,7 +32,7 @@ from kunlite.engine.messages import EngineRequest, RequestOutput, StepTiming, To
 from kunlite.engine.preemption import PreemptionPolicy
 from kunlite.engine.scheduler import Scheduler, SchedulerOutput, child_params
 from kunlite.engine.sequence import Sequence
-from kunlite.engine.work import PageMoves, SampleRow, StageDone, StageWork, WorkSeq, pack_pages
+from kunlite.engine.work import HostMoves, PageMoves, SampleRow, StageDone, StageWork, WorkSeq, pack_pages
 
 
 def eos_token_ids(model_dir: str | Path) -> frozenset[int]:
@@ -123,7 +123,8 @@ class Instance:
     def fail(self, reason: str = "error") -> list[RequestOutput]:
         """End every request with `reason` (a member died) and free all their KV."""
         outs = []
-        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+        sched = self.scheduler
+        for seq in list(sched.running) + list(sched.swapped) + list(sched.waiting):
             seq.in_flight = False
             self.scheduler.finish(seq, reason)
             outs.append(output_of(seq, []))
@@ -162,15 +163,18 @@ class Instance:
         rows = self._sample_rows(sched, sampled)
         copies, self._copies = self._copies, []
         works = []
+        take_moves = getattr(self.scheduler.policy, "take_moves", None)
         for i, m in enumerate(self.members):
             table, shape = pack_pages(self._page_table(m, sched))
             src, dst = m.kv.page_copies([(s, d) for j, s, d in copies if j == i])
+            swap_out, swap_in = take_moves(i) if take_moves else (HostMoves(), HostMoves())
             works.append(StageWork(
                 step_id=step_id, instance=self.id, stage=i, num_stages=K,
                 prev_rank=self.members[i - 1].rank if i > 0 else -1,
                 next_rank=self.members[i + 1].rank if i + 1 < K else -1,
                 seqs=seqs, num_decodes=sched.num_decodes, page_table=table, table_shape=shape,
-                samples=rows if i == K - 1 else [], copies=PageMoves(src.tolist(), dst.tolist())))
+                samples=rows if i == K - 1 else [], copies=PageMoves(src.tolist(), dst.tolist()),
+                swap_out=swap_out, swap_in=swap_in))
         prefill = sum(n for _, n in sched.scheduled if n > 1)
         self.flights[step_id] = _Flight(sched, sampled, time.perf_counter(), prefill,
                                         sched.num_batched_tokens - prefill,
@@ -227,6 +231,13 @@ class Instance:
         self.timings.append(StepTiming(flight.prefill, flight.decode, flight.context,
                                        time.perf_counter() - flight.started))
         return outputs
+
+    def swap_counters(self, page_bytes: int) -> dict[str, int]:
+        """The swap policy's cumulative counts (zeros under recompute), for EngineStats."""
+        p = self.scheduler.policy
+        return {"num_swaps_out_total": getattr(p, "num_out", 0), "num_swaps_in_total": getattr(p, "num_in", 0),
+                "swap_out_bytes_total": getattr(p, "pages_out", 0) * page_bytes,
+                "swap_in_bytes_total": getattr(p, "pages_in", 0) * page_bytes}
 
     def take_timings(self) -> list[StepTiming]:
         out, self.timings = self.timings, []

@@ -56,6 +56,7 @@ class Scheduler:
         self.priority_order = priority_order  # waiting queue by (priority, arrival) instead of FCFS
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
+        self.swapped: list[Sequence] = []  # preempted with their KV in host memory (swap policy)
         self.num_preemptions = 0
         self._order = itertools.count()
 
@@ -81,6 +82,9 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
             self.kv.free(seq.seq_id)
+        elif seq in self.swapped:
+            self.swapped.remove(seq)
+            self.policy.discard(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
             if seq.seq_id in self.kv.tables:
@@ -89,11 +93,22 @@ class Scheduler:
                 self.kv.forget(seq.seq_id)
 
     def find(self, request_id: str) -> list[Sequence]:
-        return [s for s in self.running + self.waiting if s.request_id == request_id]
+        return [s for s in self.running + self.swapped + self.waiting if s.request_id == request_id]
 
     @property
     def has_unfinished(self) -> bool:
-        return bool(self.running or self.waiting)
+        return bool(self.running or self.waiting or self.swapped)
+
+    def detach(self, seq: Sequence) -> None:
+        """A running sequence leaves this scheduler alive (migrated): its KV here is freed."""
+        self.running.remove(seq)
+        self.kv.free(seq.seq_id)
+
+    def attach(self, seq: Sequence) -> None:
+        """A running sequence arrives with its KV already in place (the end of a migration)."""
+        seq.order = next(self._order)
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
 
     # ------------------------------------------------------------------ one step
 
@@ -109,8 +124,8 @@ class Scheduler:
         for seq in list(self.running):
             if budget <= 0 or len(out.scheduled) >= seats:
                 break
-            if seq.status is not SeqStatus.RUNNING or seq.in_flight:
-                continue  # preempted earlier in this loop, or in a step not yet committed
+            if seq.status is not SeqStatus.RUNNING or seq.in_flight or seq.paused:
+                continue  # preempted earlier in this loop, in a step not yet committed, or migrating
             n = min(seq.num_uncomputed, budget) if chunked else seq.num_uncomputed
             if n > budget:
                 continue
@@ -119,8 +134,24 @@ class Scheduler:
             out.scheduled.append((seq, n))
             budget -= n
 
-        # 2. Waiting sequences, in queue order; none are admitted in a step that preempted.
-        while self.waiting and not out.preempted and budget > 0 and len(out.scheduled) < seats:
+        # 2. Swapped-out sequences come back (into fresh blocks, their KV copied in) before any
+        #    new sequence is admitted; none in a step that preempted.
+        while self.swapped and not out.preempted and budget > 0 and len(out.scheduled) < seats:
+            seq = self.swapped[0]
+            n = min(seq.num_uncomputed, budget) if chunked else seq.num_uncomputed
+            if n > budget or not self.policy.can_resume(seq, self.kv, seq.num_computed_tokens + n):
+                break
+            self.swapped.pop(0)
+            self.policy.resume(seq, self.kv, seq.num_computed_tokens + n)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append((seq, n))
+            budget -= n
+
+        # 3. Waiting sequences, in queue order; none are admitted in a step that preempted, nor
+        #    while a swapped-out one waits to come back.
+        while (self.waiting and not self.swapped and not out.preempted and budget > 0
+               and len(out.scheduled) < seats):
             if len(self.running) >= self.config.max_num_seqs:
                 break
             seq = self.waiting[0]
@@ -154,7 +185,7 @@ class Scheduler:
         total = seq.num_computed_tokens + n
         extra = self._fork_blocks(seq, total)
         while not self.kv.can_allocate(seq.seq_id, total, (), extra):
-            candidates = [s for s in self.running if not s.in_flight]
+            candidates = [s for s in self.running if not s.in_flight and not s.paused]
             if not candidates:
                 return False  # everything else is in flight: wait for a step to commit
             victim = select_victim(candidates)
@@ -167,8 +198,11 @@ class Scheduler:
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
         out.scheduled = [(s, k) for s, k in out.scheduled if s is not seq]
-        self.policy.preempt(seq, self.kv)
-        self._enqueue(seq, front=True)
+        if self.policy.preempt(seq, self.kv):
+            seq.status = SeqStatus.SWAPPED
+            self.swapped.append(seq)
+        else:
+            self._enqueue(seq, front=True)
         self.num_preemptions += 1
         out.preempted.append(seq)
 

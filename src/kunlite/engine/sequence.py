@@ -19,6 +19,7 @@ from kunlite.sampling_params import SamplingParams
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"  # preempted, its KV in host memory
     FINISHED = "finished"
 
 
@@ -39,6 +40,7 @@ class Sequence:
     pending_children: int = 0  # extra choices to fork once the prompt is computed (n > 1)
     order: int = 0  # admission order, the FCFS tie-breaker
     in_flight: bool = False  # in a scheduled step that is not committed yet (pipelines)
+    paused: bool = False  # not scheduled: its last KV is being copied to another instance
 
     def __post_init__(self) -> None:
         self.token_ids: list[int] = list(self.prompt_token_ids)

@@ -9,12 +9,16 @@ the plan on the control plane.
 
 A failed send or receive raises `TransferError`; the world is then re-formed by the
 coordinator (gloo closes the pair on any error).
+
+Gloo's P2P requests make progress only inside `wait()` (`is_completed()` stays False until
+then), so a transfer that must not stall the caller is waited on by a thread of its own
+(`Pending`); the caller polls it between steps.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+import threading
 
 import torch
 import torch.distributed as dist
@@ -59,28 +63,33 @@ def start_recv(out: torch.Tensor, src: int, tag: Tag) -> "Pending":
         raise TransferError(f"receive of {tuple(out.shape)} from rank {src} failed: {e}") from None
 
 
-@dataclass
 class Pending:
-    """An isend / irecv in progress, holding its buffer alive."""
+    """An isend / irecv in progress, holding its buffer alive; a thread waits for it."""
 
-    work: dist.Work
-    buffer: torch.Tensor
-    what: str
-    done: bool = field(default=False)
+    def __init__(self, work: dist.Work, buffer: torch.Tensor, what: str) -> None:
+        self.work = work
+        self.buffer = buffer
+        self.what = what
+        self._done = threading.Event()
+        self._error: Exception | None = None
+        threading.Thread(target=self._wait, name="kunlite-p2p", daemon=True).start()
+
+    def _wait(self) -> None:
+        try:
+            self.work.wait()
+        except Exception as e:  # noqa: BLE001 - reported to the caller by poll()/wait()
+            self._error = e
+        self._done.set()
 
     def poll(self) -> bool:
         """True once finished; raises TransferError if it failed."""
-        if not self.done:
-            try:
-                self.done = bool(self.work.is_completed()) and (self.work.wait() or True)
-            except Exception as e:
-                raise TransferError(f"{self.what} failed: {e}") from None
-        return self.done
+        if not self._done.is_set():
+            return False
+        if self._error is not None:
+            raise TransferError(f"{self.what} failed: {self._error}")
+        return True
 
     def wait(self) -> torch.Tensor:
-        try:
-            self.work.wait()
-        except Exception as e:
-            raise TransferError(f"{self.what} failed: {e}") from None
-        self.done = True
+        self._done.wait()
+        self.poll()
         return self.buffer

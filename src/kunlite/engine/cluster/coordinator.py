@@ -26,14 +26,15 @@ from typing import Any
 import msgspec
 import zmq
 
-from kunlite.config import ConfigError, parse_size
+from kunlite.config import ConfigError
 from kunlite.engine.args import EngineOptions
 from kunlite.engine.block_manager import BlockManager
 from kunlite.engine.cluster import launch
 from kunlite.engine.cluster.dispatch import InstanceLoad, blocks_for, choose_instance
 from kunlite.engine.cluster.launch import WorkerState
 from kunlite.engine.cluster.messages import (Assign, FromWorker, Heartbeat, Hello, Ping, Ready, Reform, Reformed,
-                                             Shutdown, StepFailed, WorkerFailed)
+                                             Shutdown, StepFailed, TransferDone, TransferFailed, WorkerFailed)
+from kunlite.engine.cluster.migrate import Migrator
 from kunlite.engine.instance import Instance, Member, eos_token_ids
 from kunlite.engine.messages import (DeviceStats, EngineRequest, EngineStats, InstanceStats, RequestOutput,
                                      StepTiming)
@@ -66,7 +67,7 @@ class Cluster:
         self.eos = eos_token_ids(self.config.model_dir)
         self.max_model_len = self.config.max_model_len
         self.policy_name = cfg.overload_policy
-        self.swap_bytes = parse_size(cfg.swap_space) if cfg.swap_space else 0
+        self.swap_bytes = self.config.cache.swap_space
         addr = cfg.master_addr
         port = cfg.master_port or launch.free_port(addr)
         try:
@@ -82,6 +83,7 @@ class Cluster:
         self.states: dict[int, str] = {}
         self.counters: dict[str, float] = {"num_worker_deaths_total": 0}
         self.moved: list[tuple[str, int]] = []
+        self.migrator = Migrator(self._send, self.config.cache.page_size) if cfg.overload_policy == "migrate" else None
         self.quiescing = False  # no new steps: the world is about to be re-formed
         self._reforming: int | None = None  # the generation being formed
         self._reform_deadline = 0.0
@@ -153,7 +155,8 @@ class Cluster:
                               num_layers=self.config.model.num_layers, pages=ready.kv_pages,
                               enable_prefix_caching=self.config.cache.enable_prefix_caching)
             members.append(Member(r, layers, kv))
-        inst = Instance(iid, members, self.config.scheduler, make_policy(self.config.scheduler.preemption_mode),
+        slots = [self._assignment(r).swap_slots for r in ranks]
+        inst = Instance(iid, members, self.config.scheduler, make_policy(self.config.scheduler.preemption_mode, slots),
                         self.eos, self.max_model_len, priority_order=self.priority_order)
         if inst.kv.num_total_blocks * self.config.cache.page_size < self.max_model_len:
             raise ConfigError(f"instance {iid} holds {inst.kv.num_total_blocks * self.config.cache.page_size} KV "
@@ -217,6 +220,12 @@ class Cluster:
         self._plan_all(outputs)
         self._poll(timeout_s, wake_fd, outputs)
         self._watch(outputs)
+        if self.migrator is not None:
+            self.migrator.advance()
+            if not self.quiescing:
+                self.migrator.trigger(self.instances, self.loads())
+            self.moved += self.migrator.moved
+            self.migrator.moved = []
         self._plan_all(outputs)
         return outputs
 
@@ -280,6 +289,9 @@ class Cluster:
             w.generation = msg.generation
         elif isinstance(msg, WorkerFailed):
             self._death(w, msg.message, outputs)
+        elif isinstance(msg, (TransferDone, TransferFailed)):
+            if self.migrator is not None:
+                self.migrator.on_transfer(msg)
         elif isinstance(msg, StepFailed):
             inst = self.instances[msg.instance]
             if msg.step_id in inst.flights:
@@ -313,6 +325,8 @@ class Cluster:
         launch.kill(w)
         w.close()
         self.counters["num_worker_deaths_total"] += 1
+        if self.migrator is not None:
+            self.migrator.on_death(w.rank)
         for inst in self.instances:
             if any(m.rank == w.rank for m in inst.members):
                 self._fail_instance(inst, outputs)
@@ -341,6 +355,10 @@ class Cluster:
             return
         if self._reforming is None:
             self.quiescing = True
+            if self.migrator is not None:
+                self.migrator.abort_all("the world is being re-formed")
+                if not self.migrator.idle:
+                    return
             if any(i.flights for i in self.instances):
                 return
             self._reforming = self.generation + 1
@@ -372,7 +390,22 @@ class Cluster:
             num_preemptions_total=sum(i.scheduler.num_preemptions for i in self.instances),
             param_pages=sum(w.ready.param_pages for w in self.workers.values() if w.ready),
             page_size=self.config.cache.page_size, instances=insts,
-            num_worker_deaths_total=int(self.counters["num_worker_deaths_total"]))
+            num_worker_deaths_total=int(self.counters["num_worker_deaths_total"]), **self._swap_counters(),
+            **self._migration_counters())
+
+    def _migration_counters(self) -> dict[str, Any]:
+        m = self.migrator
+        if m is None:
+            return {}
+        return {"num_migrations_total": m.num_done, "migration_bytes_total": m.bytes_moved,
+                "migration_pause_seconds_total": m.pause_seconds, "num_migrations_aborted_total": m.num_aborted}
+
+    def _swap_counters(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for inst in self.instances:
+            for k, v in inst.swap_counters(self._page_bytes()).items():
+                total[k] = total.get(k, 0) + v
+        return total
 
     def _page_bytes(self) -> int:
         return next((w.ready.page_bytes for w in self.workers.values() if w.ready), 0)
