@@ -18,7 +18,7 @@ from kunlite.engine.block_manager import BlockManager
 from kunlite.engine.cpu_tuning import keep_freed_memory
 from kunlite.engine.instance import Instance, Member, eos_token_ids, stop_reason
 from kunlite.engine.cluster.dispatch import blocks_for
-from kunlite.engine.messages import DeviceStats, EngineRequest, EngineStats, InstanceStats, RequestOutput, StepTiming
+from kunlite.engine.messages import ClusterEvent, DeviceStats, EngineRequest, EngineStats, InstanceStats, RequestOutput, StepTiming
 from kunlite.engine.preemption import make_policy
 from kunlite.engine.runner import ModelRunner
 from kunlite.engine.sampler import Sampler
@@ -107,6 +107,9 @@ class EngineCore:
 
     def take_moved(self) -> list[tuple[str, int]]:
         return []
+
+    def take_events(self) -> list[ClusterEvent]:
+        return self.instance.take_events()
 
     def shutdown(self) -> None:
         pass

@@ -28,10 +28,10 @@ import numpy as np
 from kunlite.config import SchedulerConfig
 from kunlite.engine.block_manager import BlockManager
 from kunlite.engine.group_kv import GroupKV
-from kunlite.engine.messages import EngineRequest, RequestOutput, StepTiming, TokenLogprobs
+from kunlite.engine.messages import ClusterEvent, EngineRequest, RequestOutput, StepTiming, TokenLogprobs
 from kunlite.engine.preemption import PreemptionPolicy
 from kunlite.engine.scheduler import Scheduler, SchedulerOutput, child_params
-from kunlite.engine.sequence import Sequence
+from kunlite.engine.sequence import Sequence, SeqStatus
 from kunlite.engine.work import HostMoves, PageMoves, SampleRow, StageDone, StageWork, WorkSeq, pack_pages
 
 
@@ -93,6 +93,7 @@ class Instance:
         self.max_in_flight = len(members)
         self.flights: dict[int, _Flight] = {}
         self.timings: list[StepTiming] = []
+        self.events: list[ClusterEvent] = []  # for the monitor's timeline; taken by the engine loop
         self._step_ids = itertools.count()
         self._aborting: set[str] = set()  # seq ids aborted while in flight
         self._copies: list[tuple[int, int, int]] = []  # (member, src block, dst block) for the next step
@@ -152,6 +153,11 @@ class Instance:
         budget = max(self.config.max_num_batched_tokens // K, 1)
         active = sum(1 for s in self.scheduler.running if not s.in_flight) + len(self.scheduler.waiting)
         sched = self.scheduler.schedule(budget=budget, max_seqs=max(math.ceil(active / K), 1) if K > 1 else None)
+        now = time.time()
+        for seq in sched.preempted:
+            kind = "swap_out" if seq.status is SeqStatus.SWAPPED else "preemption"
+            self.events.append(ClusterEvent(now, kind, self.id, seq.seq_id))
+        self.events += [ClusterEvent(now, "swap_in", self.id, seq.seq_id) for seq in sched.resumed]
         if not sched.scheduled:
             return None
         step_id = next(self._step_ids)
@@ -238,6 +244,10 @@ class Instance:
         return {"num_swaps_out_total": getattr(p, "num_out", 0), "num_swaps_in_total": getattr(p, "num_in", 0),
                 "swap_out_bytes_total": getattr(p, "pages_out", 0) * page_bytes,
                 "swap_in_bytes_total": getattr(p, "pages_in", 0) * page_bytes}
+
+    def take_events(self) -> list[ClusterEvent]:
+        out, self.events = self.events, []
+        return out
 
     def take_timings(self) -> list[StepTiming]:
         out, self.timings = self.timings, []

@@ -132,6 +132,17 @@ class EngineStats(msgspec.Struct, frozen=True):
         return self.kv_pages_used / self.kv_pages_total if self.kv_pages_total else 0.0
 
 
+class ClusterEvent(msgspec.Struct, frozen=True, array_like=True):
+    """Something the monitor's timeline marks. kind: preemption | swap_out | swap_in |
+    migration | migration_aborted | worker_death | instance_restored (and, with the
+    parameter-centric policy, drop | exchange | restore)."""
+
+    time: float  # unix seconds
+    kind: str
+    instance: int
+    detail: str = ""
+
+
 class EngineOutputs(msgspec.Struct, frozen=True, tag=True):
     outputs: list[RequestOutput]
     stats: EngineStats
@@ -140,6 +151,7 @@ class EngineOutputs(msgspec.Struct, frozen=True, tag=True):
     # waited in the engine's queue (the server's request_queue_time metric)
     queue_times: list[tuple[str, float]] = []
     moved: list[tuple[str, int]] = []  # (request_id, instance): requests that changed instance
+    events: list[ClusterEvent] = []
 
 
 class EngineReady(msgspec.Struct, frozen=True, tag=True):

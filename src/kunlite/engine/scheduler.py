@@ -36,6 +36,7 @@ class SchedulerOutput:
     # (sequence, new tokens), single-token entries first: the attention backends rely on it.
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    resumed: list[Sequence] = field(default_factory=list)  # swapped-out sequences brought back
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) before the step
 
     @property
@@ -143,6 +144,7 @@ class Scheduler:
                 break
             self.swapped.pop(0)
             self.policy.resume(seq, self.kv, seq.num_computed_tokens + n)
+            out.resumed.append(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append((seq, n))

@@ -106,11 +106,12 @@ class Worker:
             queued = self.queue_times(step_start, stepped)
             timings = self.core.take_timings()
             moved = self.core.take_moved()
+            events = self.core.take_events()
             now = time.monotonic()
             # One message per step that ran (a prompt chunk has no outputs, but its timing
             # tells the front end that the next step begins now), or a heartbeat.
-            if outputs or queued or timings or moved or now - self.last_sent >= HEARTBEAT_S:
-                self.send(EngineOutputs(outputs, self.core.stats(), timings, queued, moved))
+            if outputs or queued or timings or moved or events or now - self.last_sent >= HEARTBEAT_S:
+                self.send(EngineOutputs(outputs, self.core.stats(), timings, queued, moved, events))
                 self.last_sent = now
             if busy and not stepped and not cluster:
                 time.sleep(IDLE_POLL_S)  # nothing schedulable right now

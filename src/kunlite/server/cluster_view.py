@@ -7,7 +7,11 @@
                                  "param_bytes", "kv_used_bytes", "kv_total_bytes", "kv_free_bytes"}]}],
      "counters": {"preemptions", "swaps_out", "swaps_in", "swap_out_bytes", "swap_in_bytes",
                   "migrations", "migration_bytes", "migration_pause_seconds",
-                  "migrations_aborted", "worker_deaths"}}
+                  "migrations_aborted", "worker_deaths"},
+     "events": [{"time", "kind", "instance", "detail"}],   (the latest, oldest first)
+     "serving": {"window_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
+                 "output_tokens_per_s", "requests_finished", "running", "waiting"}}
+Percentiles are over the requests of the last `window_s` seconds (null with none).
 
 A state is "serving", "degraded" (a member died; its requests failed) or "restarting" (the
 member is loading again, or communication is being re-formed). `demand_blocks` is what the
@@ -20,6 +24,8 @@ import time
 from typing import Any
 
 from kunlite.server.runtime import Runtime
+
+EVENTS_WINDOW_S = 600.0  # events older than this are not shown
 
 
 def cluster_view(rt: Runtime) -> dict[str, Any]:
@@ -43,5 +49,10 @@ def cluster_view(rt: Runtime) -> dict[str, Any]:
                     "migration_pause_seconds": stats.migration_pause_seconds_total,
                     "migrations_aborted": stats.num_migrations_aborted_total,
                     "worker_deaths": stats.num_worker_deaths_total}
+    since = time.time() - EVENTS_WINDOW_S
+    events = [{"time": e.time, "kind": e.kind, "instance": e.instance, "detail": e.detail}
+              for e in rt.events if e.time >= since]
+    serving = rt.recent.summary(time.monotonic())
+    serving.update(running=stats.num_running if stats else 0, waiting=stats.num_waiting if stats else 0)
     return {"object": "cluster", "time": time.time(), "overload_policy": rt.cfg.engine.overload_policy,
-            "instances": instances, "counters": counters}
+            "instances": instances, "counters": counters, "events": events, "serving": serving}

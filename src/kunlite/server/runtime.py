@@ -15,20 +15,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kunlite.engine.args import EngineOptions
 from kunlite.engine.cluster.dispatch import InstanceLoad, blocks_for, choose_instance
-from kunlite.engine.messages import EngineOutputs, InstanceStats
+from kunlite.engine.messages import ClusterEvent, EngineOutputs, InstanceStats
 from kunlite.engine.tokenizer import Tokenizer
 from kunlite.server.admission import AdmissionConfig, AdmissionPolicy, Ledger
 from kunlite.server.cost_model import StepCostModel
 from kunlite.server.engine_client import EngineClient
 from kunlite.server.metrics import ServerMetrics
+from kunlite.server.window import RecentServing
 
 log = logging.getLogger("kunlite.server")
+
+EVENTS_KEPT = 1000  # cluster events /v1/cluster can show
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,9 @@ class Runtime:
         self._engine_said_at = 0.0
         self._engine_idle = True
         self._cost_models: dict[int, StepCostModel] = {}  # per instance but the first (policy.model)
+        self.events: deque[ClusterEvent] = deque(maxlen=EVENTS_KEPT)  # the monitor's timeline
+        self.recent = RecentServing()  # TTFT, TPOT and tokens of the last minute
+        self._first_token_at: dict[str, float] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -198,6 +205,7 @@ class Runtime:
                 model.observe([t])
                 log.debug("step %s predicted %.3f", t, model.step_seconds(
                     t.num_prefill_tokens, t.num_decode_tokens, t.num_context_tokens))
+        self.events.extend(msg.events)
         for rid, iid in msg.moved:
             moved = self.ledger.requests.get(rid)
             if moved is not None:
@@ -211,9 +219,12 @@ class Runtime:
             first = self.ledger.on_tokens(out.request_id, out.index, len(out.new_token_ids),
                                           out.finish_reason is not None)
             m.add_tokens(generation=len(out.new_token_ids))
+            self.recent.add("tokens", now, len(out.new_token_ids))
             last = self._last_output.get(out.request_id)
             if first:
                 m.ttft.observe(now - req.arrival)
+                self.recent.add("ttft", now, now - req.arrival)
+                self._first_token_at[out.request_id] = now
                 self.calibrate(out.request_id, now - req.arrival)
                 m.add_tokens(prompt=req.prompt_tokens)
                 self._last_output[out.request_id] = [now] * req.n
@@ -232,7 +243,11 @@ class Runtime:
 
     def forget(self, request_id: str) -> None:
         """The request is over for the front end (finished, aborted, or shed)."""
-        self.ledger.remove(request_id)
+        req = self.ledger.remove(request_id)
+        first = self._first_token_at.pop(request_id, None)
+        if req is not None and first is not None and req.generated > 1 and req.live_seqs == 0:
+            now = time.monotonic()
+            self.recent.add("tpot", now, (now - first) / (req.generated - 1))
         self._last_output.pop(request_id, None)
         if self.engine is not None:
             self.engine.release(request_id)

@@ -36,8 +36,8 @@ from kunlite.engine.cluster.messages import (Assign, FromWorker, Heartbeat, Hell
                                              Shutdown, StepFailed, TransferDone, TransferFailed, WorkerFailed)
 from kunlite.engine.cluster.migrate import Migrator
 from kunlite.engine.instance import Instance, Member, eos_token_ids
-from kunlite.engine.messages import (DeviceStats, EngineRequest, EngineStats, InstanceStats, RequestOutput,
-                                     StepTiming)
+from kunlite.engine.messages import (ClusterEvent, DeviceStats, EngineRequest, EngineStats, InstanceStats,
+                                     RequestOutput, StepTiming)
 from kunlite.engine.preemption import make_policy
 from kunlite.engine.work import StageDone
 from kunlite.transfer.control import ControlError, ControlServer
@@ -83,6 +83,7 @@ class Cluster:
         self.states: dict[int, str] = {}
         self.counters: dict[str, float] = {"num_worker_deaths_total": 0}
         self.moved: list[tuple[str, int]] = []
+        self.events: list[ClusterEvent] = []
         self.migrator = Migrator(self._send, self.config.cache.page_size) if cfg.overload_policy == "migrate" else None
         self.quiescing = False  # no new steps: the world is about to be re-formed
         self._reforming: int | None = None  # the generation being formed
@@ -329,6 +330,7 @@ class Cluster:
             self.migrator.on_death(w.rank)
         for inst in self.instances:
             if any(m.rank == w.rank for m in inst.members):
+                self.events.append(ClusterEvent(time.time(), "worker_death", inst.id, f"worker {w.rank}: {why}"))
                 self._fail_instance(inst, outputs)
         if not self.instances and not was_ready:
             return  # during bring-up the caller reports it
@@ -377,6 +379,7 @@ class Cluster:
         for inst in down:
             self.instances[inst.id] = self._new_instance(inst.id, [m.rank for m in inst.members])
             self.states[inst.id] = "serving"
+            self.events.append(ClusterEvent(time.time(), "instance_restored", inst.id))
             log.info("instance %d serves again", inst.id)
 
     # ------------------------------------------------------------------ reporting
@@ -424,6 +427,14 @@ class Cluster:
 
     def take_timings(self) -> list[StepTiming]:
         return [msgspec.structs.replace(t, instance=i.id) for i in self.instances for t in i.take_timings()]
+
+    def take_events(self) -> list[ClusterEvent]:
+        out, self.events = self.events, []
+        for inst in self.instances:
+            out += inst.take_events()
+        if self.migrator is not None:
+            out += self.migrator.take_events()
+        return sorted(out, key=lambda e: e.time)
 
     def take_moved(self) -> list[tuple[str, int]]:
         out, self.moved = self.moved, []

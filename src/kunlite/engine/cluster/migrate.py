@@ -33,6 +33,7 @@ from typing import Any
 from kunlite.engine.cluster.dispatch import InstanceLoad, freeness
 from kunlite.engine.cluster.messages import RecvPages, SendPages, TransferDone, TransferFailed
 from kunlite.engine.instance import Instance
+from kunlite.engine.messages import ClusterEvent
 from kunlite.engine.preemption import select_victim
 from kunlite.engine.sequence import Sequence
 
@@ -106,6 +107,7 @@ class Migrator:
         self.num_aborted = 0
         self.bytes_moved = 0
         self.pause_seconds = 0.0
+        self.events: list[ClusterEvent] = []
 
     # ------------------------------------------------------------------ deciding
 
@@ -216,6 +218,8 @@ class Migrator:
         self.bytes_moved += mig.num_bytes
         self.pause_seconds += time.monotonic() - (mig.paused_at or time.monotonic())
         log.info("migrated %s to instance %d: %d stages, %d bytes", seq.seq_id, dst.id, mig.stages, mig.num_bytes)
+        self.events.append(ClusterEvent(time.time(), "migration", src.id,
+                                        f"{seq.seq_id} to instance {dst.id}, {mig.num_bytes} bytes"))
 
     # ------------------------------------------------------------------ giving up
 
@@ -234,6 +238,8 @@ class Migrator:
         mig.seq.paused = False
         self.active.pop(mig.id, None)
         self.num_aborted += 1
+        self.events.append(ClusterEvent(time.time(), "migration_aborted", mig.src.id,
+                                        f"{mig.seq.seq_id}: {mig.aborting}"))
 
     def on_death(self, rank: int) -> None:
         """A worker died: the migrations touching it end. Its own receives will never report;
@@ -244,6 +250,10 @@ class Migrator:
         for mig in list(self.active.values()):
             if rank in [m.rank for m in mig.src.members] + [m.rank for m in mig.dst.members]:
                 self.abort(mig, f"worker {rank} died")
+
+    def take_events(self) -> list[ClusterEvent]:
+        out, self.events = self.events, []
+        return out
 
     def abort_all(self, why: str) -> None:
         for mig in list(self.active.values()):
