@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed).validate()
         opts = options_from_args(args)
-        llm = LLM(**{k: v for k, v in vars(opts).items()})
+        llm = LLM(**{k: v for k, v in vars(opts).items()})  # checks the cluster flags first
     except (ConfigError, SamplingParamsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -40,10 +40,11 @@ def main(argv: list[str]) -> int:
             [{"role": "user", "content": args.prompt}]
         text = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         prompt = llm.tokenizer.encode(text, add_special_tokens=False)
-    if args.stream:
-        for delta in llm.stream(prompt, params):
-            print(delta.text, end="", flush=True)
-        print()
-    else:
-        print(llm.generate([prompt], params)[0].outputs[0].text)
+    with llm:
+        if args.stream:
+            for delta in llm.stream(prompt, params):
+                print(delta.text, end="", flush=True)
+            print()
+        else:
+            print(llm.generate([prompt], params)[0].outputs[0].text)
     return 0

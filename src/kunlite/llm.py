@@ -45,6 +45,7 @@ class GenerationResult:
 class LLM:
     def __init__(self, model: str | None = None, **options: Any) -> None:
         opts = EngineOptions(model=model, **options)
+        opts.check_cluster()
         self.config = opts.build()
         self.tokenizer = Tokenizer.from_pretrained(self.config.model_dir)
         self.engine: EngineCore | Cluster = Cluster(opts) if opts.devices > 1 else EngineCore(self.config)

@@ -47,6 +47,21 @@ class EngineOptions:
     heartbeat_timeout: float = 5.0  # seconds of silence after which a worker is dead
     restart_workers: bool = True
 
+    def check_cluster(self) -> None:
+        """The cluster flags that can be judged before anything starts (ConfigError)."""
+        N, K = self.devices, self.pipeline_parallel
+        if N < 1 or K < 1:
+            raise ConfigError(f"--devices and --pipeline-parallel must be at least 1 (got {N} and {K})")
+        if N % K:
+            raise ConfigError(f"--devices {N} is not a multiple of --pipeline-parallel {K}: every instance "
+                              f"needs {K} devices")
+        if self.local_devices is not None and not 0 <= self.local_devices <= N:
+            raise ConfigError(f"--local-devices {self.local_devices} must be between 0 and --devices {N}")
+        if self.overload_policy == "migrate" and N // K < 2:
+            raise ConfigError("--overload-policy migrate needs at least two instances (--devices / --pipeline-parallel)")
+        if N > 1 and self.master_port is not None:
+            check_port_free(self.master_addr, self.master_port, "--master-port")
+
     def build(self) -> EngineConfig:
         from kunlite.engine.pull import resolve_model
 
@@ -90,6 +105,18 @@ class EngineOptions:
                                       preemption_mode="swap" if self.overload_policy == "swap" else "recompute"),
             device=DeviceConfig(device=self.device, dtype=self.dtype, threads=self.threads,
                                 attention_backend=self.attention_backend))
+
+
+def check_port_free(host: str, port: int, flag: str) -> None:
+    """ConfigError naming the flag if nothing can listen on host:port."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"{flag} {port} on {host} cannot be used: {e.strerror or e}") from None
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ import os
 import sys
 
 from kunlite.config import ConfigError, parse_size
-from kunlite.engine.args import add_engine_args, options_from_args
+from kunlite.engine.args import add_engine_args, check_port_free, options_from_args
 from kunlite.server.admission import POLICIES
 from kunlite.server.runtime import ServeConfig
 
@@ -73,6 +73,8 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = config_from_args(args)
+        cfg.engine.check_cluster()
+        check_port_free(args.host, args.port, "--port")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

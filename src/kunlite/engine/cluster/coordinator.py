@@ -52,15 +52,12 @@ class Cluster:
     def __init__(self, options: EngineOptions, *, priority_order: bool = False, log_level: str = "info") -> None:
         self.options = options
         self.config = options.build()
+        options.check_cluster()
         cfg, model = options, self.config.model
         N, K = cfg.devices, cfg.pipeline_parallel
-        if N < 1 or K < 1 or N % K:
-            raise ConfigError(f"--devices {N} is not a multiple of --pipeline-parallel {K}")
         if K > model.num_layers:
             raise ConfigError(f"--pipeline-parallel {K} exceeds the model's {model.num_layers} layers")
         local = N if cfg.local_devices is None else cfg.local_devices
-        if not 0 <= local <= N:
-            raise ConfigError(f"--local-devices {local} must be between 0 and --devices {N}")
         self.stage_layers = launch.balanced_ranges(model.num_layers, K)
         self.priority_order = priority_order
         self.log_level = log_level
