@@ -12,13 +12,17 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kunlite.engine.args import EngineOptions
 from kunlite.engine.core import EngineCore
+from kunlite.engine.memory import PoolError
 from kunlite.engine.messages import EngineRequest
+from kunlite.engine.model import LayerDroppedError
 from kunlite.sampling_params import SamplingParams
 from tiny_models import make_tiny_model
 
@@ -83,3 +87,22 @@ def test_drop_then_restore_leaves_generation_unchanged(tiny_root: Path, drop_aft
 
     assert finish(core, got) == want
     assert kv.num_used_blocks == 0
+
+
+def test_a_dropped_layer_is_never_run_nor_reloaded_over_kv(tiny_root: Path) -> None:
+    """After a drop, the layer's pages belong to the KV side: a step that would run the layer
+    is refused with a clear error, and reloading the weights leaves those pages alone."""
+    path = make_tiny_model(tiny_root, "llama-gqa-tied")
+    core = new_core(path)
+    runner, kv, pool = core.runner, core.kv, core.runner.pool
+    core.step()
+    runner.drop_layers(range(1, 2), kv)
+    dropped = torch.from_numpy(np.asarray(pool.group_pages("layer.1"), dtype=np.int64))
+    pool.kv_cache[dropped] = 7.0  # KV written into the freed pages
+    with pytest.raises(LayerDroppedError, match="layer.1"):
+        core.step()
+    runner.loader.load(pool)  # every resident group: not layer.1
+    assert bool((pool.kv_cache[dropped] == 7.0).all())
+    with pytest.raises(PoolError, match="layer.1"):
+        runner.loader.load(pool, ["layer.1"])
+    assert bool((pool.kv_cache[dropped] == 7.0).all())

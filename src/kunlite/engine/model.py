@@ -70,6 +70,10 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:  # (d/2,) float64
     return inv
 
 
+class LayerDroppedError(RuntimeError):
+    """A forward pass over a layer whose parameters were dropped from this device."""
+
+
 class Rope:
     """Rotary embedding in HF's rotate-half layout, with a cos/sin table for every position.
 
@@ -230,6 +234,7 @@ class CausalLM:
         self.linear = Linear(largest, pool.storage.device, pool.storage.dtype, upcast_min_rows)
         self.layers = [DecoderLayer(cfg, i - self.l0, backend, rope, self.linear) for i in range(self.l0, self.l1)]
         self.pool = pool
+        self.groups = list(pool.layouts)  # every group a forward (and, tied, the LM head) reads
         self.bind()
 
     def bind(self) -> None:
@@ -249,6 +254,11 @@ class CausalLM:
         positions: torch.Tensor,  # (T,)
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # (T, h) hidden states after the last local layer (pre-norm)
+        dropped = [g for g in self.groups if not self.pool.is_resident(g)]
+        if dropped:
+            # Their pages may hold KV by now: running them would compute with whatever is there.
+            raise LayerDroppedError(f"cannot run {', '.join(dropped)}: dropped from this device "
+                                    "(restore them, or run them on the device that holds them)")
         x = F.embedding(inputs, self.embed) if self.first else inputs  # (T, h)
         kv_cache = self.pool.kv_cache
         rope = self.rope.tables(positions)

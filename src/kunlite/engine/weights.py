@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from kunlite.config import ConfigError, ModelConfig
-from kunlite.engine.memory import DevicePool
+from kunlite.engine.memory import DevicePool, PoolError
 from kunlite.engine.model import layer_group
 
 
@@ -94,8 +94,13 @@ class WeightLoader:
                               f"({len(missing)} missing in all)")
 
     def load(self, pool: DevicePool, groups: Iterable[str] | None = None) -> None:
-        """Fill the given resident groups (all resident ones by default) from the checkpoint."""
-        wanted = set(pool.layouts) if groups is None else set(groups)
+        """Fill the given groups (all resident ones by default) from the checkpoint. Only pages
+        that hold parameters are ever written: a dropped group's pages belong to the KV side,
+        and asking for one is an error."""
+        wanted = {g for g in pool.layouts if pool.is_resident(g)} if groups is None else set(groups)
+        dropped = sorted(g for g in wanted if g in pool.layouts and not pool.is_resident(g))
+        if dropped:
+            raise PoolError(f"cannot load {dropped}: dropped, their pages hold KV (restore them first)")
         by_file: dict[Path, list[str]] = {}
         for name, target in self.targets.items():
             if target.group in wanted and target.group in pool.layouts:
