@@ -64,7 +64,8 @@ def start_recv(out: torch.Tensor, src: int, tag: Tag) -> "Pending":
 
 
 class Pending:
-    """An isend / irecv in progress, holding its buffer alive; a thread waits for it."""
+    """An isend / irecv in progress, holding its buffer alive. `wait()` waits here; the first
+    `poll()` hands the waiting to a thread, so that the caller can go on meanwhile."""
 
     def __init__(self, work: dist.Work, buffer: torch.Tensor, what: str) -> None:
         self.work = work
@@ -72,7 +73,7 @@ class Pending:
         self.what = what
         self._done = threading.Event()
         self._error: Exception | None = None
-        threading.Thread(target=self._wait, name="kunlite-p2p", daemon=True).start()
+        self._thread: threading.Thread | None = None
 
     def _wait(self) -> None:
         try:
@@ -83,6 +84,9 @@ class Pending:
 
     def poll(self) -> bool:
         """True once finished; raises TransferError if it failed."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._wait, name="kunlite-p2p", daemon=True)
+            self._thread.start()
         if not self._done.is_set():
             return False
         if self._error is not None:
@@ -90,6 +94,10 @@ class Pending:
         return True
 
     def wait(self) -> torch.Tensor:
-        self._done.wait()
-        self.poll()
+        if self._thread is None:
+            self._wait()
+        else:
+            self._done.wait()
+        if self._error is not None:
+            raise TransferError(f"{self.what} failed: {self._error}")
         return self.buffer
