@@ -34,17 +34,20 @@ OPEN_PATHS = frozenset({"/health", "/metrics"})  # answered without an API key
 
 
 class ApiKeyMiddleware:
-    """401 unless `Authorization: Bearer <key>`. The comparison is between SHA-256 digests in
-    constant time, so that neither the key's content nor its length leaks through timing."""
+    """401 unless `Authorization: Bearer <key>`, the scheme in any case (RFC 7235). The keys
+    are compared as SHA-256 digests in constant time, so that neither the key's content nor its
+    length leaks through timing."""
 
     def __init__(self, app: ASGIApp, api_key: str | None) -> None:
         self.app = app
-        self.digest = hashlib.sha256(f"Bearer {api_key}".encode()).digest() if api_key else None
+        self.digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.digest is not None and scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
             given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-            if not hmac.compare_digest(hashlib.sha256(given).digest(), self.digest):
+            scheme, _, key = given.partition(b" ")
+            key_ok = hmac.compare_digest(hashlib.sha256(key.lstrip(b" ")).digest(), self.digest)
+            if not (key_ok and scheme.lower() == b"bearer"):
                 err = ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
                 await err.response()(scope, receive, send)
                 return

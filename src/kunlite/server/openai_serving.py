@@ -93,8 +93,6 @@ class OpenAIServing:
 
     def sampling_params(self, req: SamplingFields, prompts: list[list[int]], max_tokens: int | None,
                         logprobs: int | None) -> SamplingParams:
-        if req.logit_bias:
-            raise bad_request("logit_bias is not supported", "logit_bias")
         longest = max(len(p) for p in prompts)
         room = self.rt.max_model_len - longest
         if max_tokens is None:
@@ -116,7 +114,7 @@ class OpenAIServing:
                 repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
                 presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
                 stop=tuple(stop), stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=bool(req.ignore_eos),
-                logprobs=logprobs,
+                logprobs=logprobs, logit_bias=logit_bias_pairs(req.logit_bias),
                 skip_special_tokens=True if req.skip_special_tokens is None else req.skip_special_tokens,
             ).validate(vocab_size=self.rt.vocab_size)
         except SamplingParamsError as e:
@@ -264,6 +262,16 @@ class OpenAIServing:
         yield DONE
 
 
+def logit_bias_pairs(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} as (token id, bias) pairs; ranges are SamplingParams' to check."""
+    pairs = []
+    for key, value in (bias or {}).items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 10):  # 10 digits: no huge int to parse
+            raise bad_request(f"logit_bias keys must be token ids in decimal, got {key[:20]!r}", "logit_bias")
+        pairs.append((int(key), value))
+    return tuple(pairs)
+
+
 def _include_usage(req: SamplingFields) -> bool:
     return bool(req.stream_options and req.stream_options.include_usage)
 
@@ -284,6 +292,8 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             msg["content"] = parts
         elif m.content is not None:
             msg["content"] = m.content
+        elif m.role == "assistant":  # null beside tool_calls is valid OpenAI; templates add content to strings
+            msg["content"] = ""
         for key in ("name", "tool_calls", "tool_call_id"):
             if getattr(m, key) is not None:
                 msg[key] = getattr(m, key)
