@@ -1,7 +1,9 @@
-"""The Starlette app: routes, API-key check, body-size limit, and OpenAI error bodies.
+"""The Starlette app: routes, API-key check, CORS, and OpenAI error bodies (the checks on a
+JSON body before it is read, and its reading, are in http_guard).
 
 Every error leaves as `{"error": {"message", "type", "param", "code"}}`: ApiError from the
-handlers, Starlette's own 404 / 405, and (a bug) any other exception as a 500.
+handlers, Starlette's own 404 / 405, and (a bug) any other exception as a 500. A client that
+went away mid-body is no error: it is counted and logged at debug level only.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kunlite.server.errors import ApiError, bad_request
+from kunlite.server.http_guard import DISCONNECTED_STATUS, RequestTimeout, cors_middleware, read_body, require_json
 from kunlite.server.openai_serving import OpenAIServing, chat_messages, decode_body
 from kunlite.server.protocol import (DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, TokenizeRequest,
                                      TokenizeResponse, encoder)
@@ -54,22 +57,6 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, or 413 as soon as it is known to be larger than `limit` bytes (from
-    Content-Length, or while reading a body that has none or lies)."""
-    declared = request.headers.get("content-length")
-    too_large = ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def json_response(obj: Any, status: int = 200) -> Response:
     return Response(encoder.encode(obj), status_code=status, media_type="application/json")
 
@@ -85,8 +72,9 @@ def build_app(cfg: ServeConfig, on_fatal: Callable[[str], None] | None = None) -
             raise ApiError(503, rt.status_detail, code=code, retry_after=retry)
 
     async def body_of(request: Request) -> bytes:
+        require_json(request)
         require_ready()
-        return await read_body(request, cfg.max_body_bytes)
+        return await read_body(request, cfg.max_body_bytes, cfg.timeout_body_s)
 
     async def completions(request: Request) -> Response:
         return await serving.completions(await body_of(request), request)
@@ -140,6 +128,17 @@ def build_app(cfg: ServeConfig, on_fatal: Callable[[str], None] | None = None) -
         message = "Not found: " + request.url.path if exc.status_code == 404 else str(exc.detail)
         return ApiError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None).response()
 
+    async def on_client_gone(request: Request, exc: Exception) -> Response:
+        rt.metrics.aborted("client_disconnect")
+        log.debug("%s %s: the client went away while sending its body", request.method, request.url.path)
+        return Response(status_code=DISCONNECTED_STATUS)
+
+    async def on_body_timeout(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestTimeout)
+        rt.metrics.aborted("body_timeout")
+        log.debug("%s %s: %s", request.method, request.url.path, exc.message)
+        return exc.response()
+
     async def on_bug(request: Request, exc: Exception) -> Response:
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return ApiError(500, "internal server error", code="internal_error").response()
@@ -159,8 +158,11 @@ def build_app(cfg: ServeConfig, on_fatal: Callable[[str], None] | None = None) -
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    middleware=[Middleware(ApiKeyMiddleware, api_key=cfg.api_key)],
-                    exception_handlers={ApiError: on_api_error, HTTPException: on_http_error, Exception: on_bug})
+    # CORS outside the key check: a browser's preflight carries no key.
+    middleware = [*cors_middleware(cfg.allowed_origins), Middleware(ApiKeyMiddleware, api_key=cfg.api_key)]
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware,
+                    exception_handlers={ApiError: on_api_error, HTTPException: on_http_error,
+                                        ClientDisconnect: on_client_gone, RequestTimeout: on_body_timeout,
+                                        Exception: on_bug})
     app.state.runtime = rt
     return app

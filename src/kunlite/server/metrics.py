@@ -49,6 +49,10 @@ class ServerMetrics:
                                 m + ["finished_reason"], registry=r)
         self._rejected = Counter("kunlite:requests_rejected", "Requests turned away by admission, by reason.",
                                  m + ["reason"], registry=r)
+        self._aborted = Counter("kunlite:requests_aborted",
+                                "Requests that ended before their response began, by reason: the client went away "
+                                "(client_disconnect), or sent its headers or body too slowly (header_timeout, "
+                                "body_timeout).", m + ["reason"], registry=r)
         self.model_name = model_name
         self.ttft = self._ttft.labels(model_name)
         self.itl = self._itl.labels(model_name)
@@ -82,6 +86,9 @@ class ServerMetrics:
 
     def rejected(self, reason: str) -> None:
         self._rejected.labels(self.model_name, reason).inc()
+
+    def aborted(self, reason: str) -> None:
+        self._aborted.labels(self.model_name, reason).inc()
 
     def on_stats(self, stats: EngineStats) -> None:
         self.stats = stats

@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 from kunlite.sampling_params import SamplingParams, SamplingParamsError
 from kunlite.server.errors import ApiError, bad_request, from_decode_error
 from kunlite.server.generation import ClientGone, Generation
+from kunlite.server.http_guard import DISCONNECTED_STATUS
 from kunlite.server.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields,
                                      encoder)
 from kunlite.server.responses import (DONE, ChatFormatter, CompletionFormatter, TokenText, sse_error)
@@ -30,7 +31,6 @@ log = logging.getLogger("kunlite.server")
 MAX_PROMPTS = 256  # prompts in one completions request
 MAX_CHOICES = 256  # prompts * n
 _RESERVED_TEMPLATE_VARS = {"messages", "tools", "documents", "add_generation_prompt"}
-_DISCONNECTED_STATUS = 499  # nginx's "client closed request"; nobody reads it
 
 
 _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
@@ -232,7 +232,8 @@ class OpenAIServing:
                 await gen.next()
             return Response(encoder.encode(fmt.response()), media_type="application/json")
         except ClientGone:
-            return Response(status_code=_DISCONNECTED_STATUS)
+            self.rt.metrics.aborted("client_disconnect")
+            return Response(status_code=DISCONNECTED_STATUS)
         finally:
             if not handed_over:
                 gen.close()
