@@ -87,29 +87,34 @@ def build_app(cfg: ServeConfig, on_fatal: Callable[[str], None] | None = None) -
         cards = [ModelCard(name, rt.created, rt.cfg.engine.model or name, rt.max_model_len) for name in rt.model_names]
         return json_response(ModelList(cards))
 
+    def tokenize_ids(req: TokenizeRequest) -> list[int]:
+        if req.prompt is not None:
+            special = True if req.add_special_tokens is None else req.add_special_tokens
+            return serving.encode(req.prompt, "prompt", add_special_tokens=special)
+        try:
+            text = rt.tokenizer.apply_chat_template(  # type: ignore[union-attr]
+                chat_messages(req.messages or []), add_generation_prompt=req.add_generation_prompt is not False)
+        except ValueError as e:
+            raise bad_request(f"chat template: {e}", "messages") from None
+        return serving.encode(text, "messages", add_special_tokens=bool(req.add_special_tokens))
+
     async def tokenize(request: Request) -> Response:
-        req: TokenizeRequest = decode_body(await body_of(request), TokenizeRequest)
+        body = await body_of(request)
+        req: TokenizeRequest = decode_body(body, TokenizeRequest)
         serving.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("give exactly one of prompt and messages", "prompt")
-        if req.prompt is not None:
-            special = True if req.add_special_tokens is None else req.add_special_tokens
-            ids = serving.encode(req.prompt, "prompt", add_special_tokens=special)
-        else:
-            try:
-                text = rt.tokenizer.apply_chat_template(  # type: ignore[union-attr]
-                    chat_messages(req.messages or []), add_generation_prompt=req.add_generation_prompt is not False)
-            except ValueError as e:
-                raise bad_request(f"chat template: {e}", "messages") from None
-            ids = serving.encode(text, "messages", add_special_tokens=bool(req.add_special_tokens))
+        ids = await serving.off_loop(len(body), tokenize_ids, req)
         return json_response(TokenizeResponse(len(ids), rt.max_model_len, ids))
 
     async def detokenize(request: Request) -> Response:
-        req: DetokenizeRequest = decode_body(await body_of(request), DetokenizeRequest)
+        body = await body_of(request)
+        req: DetokenizeRequest = decode_body(body, DetokenizeRequest)
         serving.check_model(req.model)
         if req.tokens and max(req.tokens) >= rt.vocab_size:
             raise bad_request(f"token ids must be below the vocabulary size {rt.vocab_size}", "tokens")
-        return json_response(DetokenizeResponse(rt.tokenizer.decode(req.tokens)))  # type: ignore[union-attr]
+        text = await serving.off_loop(len(body), rt.tokenizer.decode, req.tokens)  # type: ignore[union-attr]
+        return json_response(DetokenizeResponse(text))
 
     async def health(request: Request) -> Response:
         if rt.status != "ready":

@@ -1,16 +1,22 @@
 """The OpenAI endpoints: request body -> prompts + SamplingParams -> Generation -> response.
 
 Validation happens before anything reaches the engine; every problem is an ApiError 400
-naming the field. Streams: the response starts only once the first output is back, so that a
-request shed at its deadline, or one that meets a dead engine, still gets a proper status;
-after that a failure is an SSE error event followed by [DONE].
+naming the field. Tokenizing and chat templates run off the event loop (`off_loop`) for all
+but small bodies, so that a request with megabytes of text never stalls the others.
+
+Streams: the response starts only once the first output is back, so that a request shed at
+its deadline, or one that meets a dead engine, still gets a proper status; after that a
+failure is an SSE error event followed by [DONE].
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+import os
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import msgspec
 from starlette.requests import Request
@@ -31,6 +37,13 @@ log = logging.getLogger("kunlite.server")
 MAX_PROMPTS = 256  # prompts in one completions request
 MAX_CHOICES = 256  # prompts * n
 _RESERVED_TEMPLATE_VARS = {"messages", "tools", "documents", "add_generation_prompt"}
+# Bodies up to this size are tokenized on the event loop (a few ms at most): no thread hop,
+# and no wait behind a large request in the pool.
+INLINE_BODY_BYTES = 8 << 10
+# Tokenizer threads: at most half the cores (the engine needs the rest), at least two, so
+# that one huge request leaves a thread for the others.
+TOKENIZER_THREADS = max(2, min(4, (os.cpu_count() or 2) // 2))
+T = TypeVar("T")
 
 
 _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
@@ -66,12 +79,21 @@ class OpenAIServing:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self._tokens: TokenText | None = None
+        self._pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="kunlite-tokenize")
 
     @property
     def tokens(self) -> TokenText:
         if self._tokens is None:
             self._tokens = TokenText(self.rt.tokenizer)  # type: ignore[arg-type]
         return self._tokens
+
+    async def off_loop(self, body_size: int, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) in the tokenizer pool, unless the body is small. The tokenizer releases the
+        GIL (Tokenizer.encode); a chat template holds it, but only for the interpreter's
+        switch interval (5 ms) at a time."""
+        if body_size <= INLINE_BODY_BYTES:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     # ------------------------------------------------------------------ shared checks
 
@@ -120,13 +142,16 @@ class OpenAIServing:
         except SamplingParamsError as e:
             raise bad_request(str(e), e.param) from None
 
-    def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
-        # Tokenizing holds the GIL (about 2 us per character): a text that cannot fit the
-        # context is refused before it can stall the event loop.
+    def check_chars(self, text: str, param: str) -> None:
+        """Refuse, before tokenizing it (0.5 to 2 us a character), a text longer than any that
+        the context can hold: max_model_len tokens of the tokenizer's longest entry."""
         if len(text) > self.rt.max_prompt_chars:
             raise bad_request(f"the text has {len(text)} characters; this model's context of {self.rt.max_model_len} "
                               f"tokens cannot hold more than {self.rt.max_prompt_chars}", param,
                               "context_length_exceeded")
+
+    def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        self.check_chars(text, param)
         try:
             return self.rt.tokenizer.encode(text, add_special_tokens=add_special_tokens)  # type: ignore[union-attr]
         except ValueError as e:
@@ -134,8 +159,10 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------ /v1/completions
 
-    def completion_prompts(self, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
-        """Token ids and texts of each prompt (str, [str], [int] or [[int]])."""
+    def completion_prompts(self, req: CompletionRequest) -> tuple[list[list[int]], list[str] | None]:
+        """Token ids of each prompt (str, [str], [int] or [[int]]), and with `echo` their texts.
+        Every text's length is checked before any is tokenized, and each prompt right after it
+        is, so that a refused request costs the least tokenizing."""
         p = req.prompt
         if isinstance(p, str):
             items: list[Any] = [p]
@@ -150,11 +177,17 @@ class OpenAIServing:
                               "lists of token ids", "prompt")
         if len(items) > MAX_PROMPTS:
             raise bad_request(f"at most {MAX_PROMPTS} prompts in one request", "prompt")
-        ids = [self.encode(x, "prompt") if isinstance(x, str) else list(x) for x in items]
-        for x in ids:
-            self.check_prompt(x, "prompt")
-        texts = [x if isinstance(x, str) else self.rt.tokenizer.decode(x) for x in items]  # type: ignore[union-attr]
-        return ids, texts
+        for x in items:
+            if isinstance(x, str):
+                self.check_chars(x, "prompt")
+        ids = []
+        for x in items:
+            ids.append(self.encode(x, "prompt") if isinstance(x, str) else list(x))
+            self.check_prompt(ids[-1], "prompt")
+        if not req.echo:
+            return ids, None
+        decode = self.rt.tokenizer.decode  # type: ignore[union-attr]
+        return ids, [x if isinstance(x, str) else decode(x) for x in items]
 
     async def completions(self, body: bytes, request: Request) -> Response:
         req: CompletionRequest = decode_body(body, CompletionRequest)
@@ -165,10 +198,10 @@ class OpenAIServing:
             raise bad_request("best_of other than n is not supported", "best_of")
         if req.echo and req.logprobs is not None:
             raise bad_request("echo with logprobs is not supported (prompt logprobs are not computed)", "echo")
-        prompts, texts = self.completion_prompts(req)
+        prompts, texts = await self.off_loop(len(body), self.completion_prompts, req)
         params = self.sampling_params(req, prompts, 16 if req.max_tokens is None else req.max_tokens, req.logprobs)
         gen = Generation(self.rt, "cmpl", prompts, params, req.priority or 0)
-        fmt = CompletionFormatter(gen, model, self.tokens, echo=texts if req.echo else None, logprobs=req.logprobs)
+        fmt = CompletionFormatter(gen, model, self.tokens, echo=texts, logprobs=req.logprobs)
         return await self.respond(gen, fmt, request, bool(req.stream), _include_usage(req))
 
     # ------------------------------------------------------------------ /v1/chat/completions
@@ -207,7 +240,7 @@ class OpenAIServing:
         model = self.check_model(req.model)
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
-        prompt = self.chat_prompt(req)
+        prompt = await self.off_loop(len(body), self.chat_prompt, req)
         top = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self.sampling_params(req, [prompt], max_tokens, top)
