@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -146,6 +148,14 @@ def test_no_cors_headers_without_allowed_origins(server: ServerProcess) -> None:
                    headers={**server.headers, "Origin": ALLOWED})
     assert r.status_code == 200
     assert not any(name.startswith("access-control-") for name in r.headers)
+
+
+@pytest.mark.parametrize("origin", ["localhost:5173", "http://localhost:5173/", "http://x.example/app"])
+def test_an_origin_that_no_browser_sends_is_refused_at_start(origin: str) -> None:
+    """A path or a missing scheme would never match an Origin header: say so, do not start."""
+    done = subprocess.run([sys.executable, "-m", "kunlite", "serve", "--port", "0", "--allowed-origins", origin],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "scheme://host[:port]" in done.stderr
 
 
 # ---------------------------------------------------------------------------- vanishing clients

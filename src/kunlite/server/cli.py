@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 
 from kunlite.config import ConfigError, parse_size
@@ -29,6 +30,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _origin(text: str) -> str:
+    """A web origin as browsers send it (lowercase, no path, no trailing slash), or *."""
+    if text == "*" or re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/?#\s]+", text.lower()):
+        return text.lower()
+    raise argparse.ArgumentTypeError(f"an origin is scheme://host[:port], without a path, or *; got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m kunlite serve",
                                 description="Serve a model behind an OpenAI-compatible HTTP API.")
@@ -42,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model name(s) clients may use; the first one is listed first and "
                         "labels the metrics (default: the model's directory name, or --model as given)")
     g.add_argument("--max-request-body", default="8MiB", help="larger bodies get 413 (default: 8MiB)")
-    g.add_argument("--allowed-origins", nargs="+", default=(), metavar="ORIGIN",
+    g.add_argument("--allowed-origins", nargs="+", type=_origin, default=(), metavar="ORIGIN",
                    help="web origins (https://app.example:8080, or *) whose pages may call the API: CORS "
                         "for them (default: none, no CORS headers)")
     g.add_argument("--timeout-headers", type=_positive_float, default=10.0, metavar="S",
