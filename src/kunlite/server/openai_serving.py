@@ -40,8 +40,8 @@ _RESERVED_TEMPLATE_VARS = {"messages", "tools", "documents", "add_generation_pro
 # Bodies up to this size are tokenized on the event loop (a few ms at most): no thread hop,
 # and no wait behind a large request in the pool.
 INLINE_BODY_BYTES = 8 << 10
-# Tokenizer threads: at most half the cores (the engine needs the rest), at least two, so
-# that one huge request leaves a thread for the others.
+# Tokenizer threads: half the cores (the engine needs the rest), between two and four: one
+# huge request always leaves a thread for the others.
 TOKENIZER_THREADS = max(2, min(4, (os.cpu_count() or 2) // 2))
 T = TypeVar("T")
 
