@@ -234,3 +234,63 @@ def test_logprobs_are_raw_log_softmax(seed: int, V: int, nums: list[int | None],
         assert lp.top_logprobs == pytest.approx(raw[i, lp.top_ids].tolist(), abs=1e-6)
         if k:
             assert lp.top_logprobs[0] == pytest.approx(raw[i].max().item(), abs=1e-6)
+
+
+# ---------------------------------------------------------------------------- logit_bias
+
+
+def test_logit_bias_forces_and_bans_greedy_tokens() -> None:
+    V = 40
+    logits = randn(5, 4, V)  # (4, V)
+    best = logits.argmax(-1)  # (4,)
+    forced = int(logits[0].argmin())  # the least likely token of row 0
+    second = int(logits[1].topk(2).indices[1])
+    params = [SP(temperature=0, logit_bias=((forced, 100.0),)),
+              SP(temperature=0, logit_bias=((int(best[1]), -100.0),)),
+              SP(temperature=0),  # no bias: untouched in a batch where others have one
+              SP(temperature=0.8, logit_bias=((forced, 100.0), (int(best[3]), -100.0)))]
+    out = Sampler(seed=0)(logits, make_batch(params, V=V)).token_ids
+    assert out.tolist()[:3] == [forced, second, int(best[2])]
+    assert int(out[3]) == forced  # +100 dominates sampling as well (randn logits span far less than 100)
+
+
+def test_logit_bias_is_added_before_penalties_and_leaves_logprobs_raw() -> None:
+    V = 12
+    logits = randn(9, 2, V)  # (2, V)
+    bias = ((3, 2.5), (7, -1.25))
+    params = [SP(temperature=0, logit_bias=bias, presence_penalty=1.0, logprobs=2),
+              SP(temperature=0, presence_penalty=1.0, logprobs=2)]
+    outputs = [[3, 5], [3, 5]]
+    batch = make_batch(params, V=V, outputs=outputs)
+    biased = logits.clone()
+    for t, b in bias:
+        biased[0, t] += b
+    expected = torch.stack([reference_penalties(biased[i], p, [], outputs[i]) for i, p in enumerate(params)])
+    out = Sampler()(logits, batch)
+    assert out.token_ids.tolist() == expected.argmax(-1).tolist()
+    assert out.logprobs is not None and out.logprobs[0] is not None
+    raw = torch.log_softmax(logits[0], dim=-1)  # (V,) before the bias
+    assert out.logprobs[0].logprob == pytest.approx(raw[int(out.token_ids[0])].item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("bias, message", [
+    (((1, 100.5),), "between -100 and 100"),
+    (((1, float("nan")),), "between -100 and 100"),
+    (((1, 1.0), (1, 2.0)), "more than once"),
+    (((10, 1.0),), "below the vocabulary size"),
+    (((-1, 1.0),), "below the vocabulary size"),
+    (tuple((i, 1.0) for i in range(301)), "at most 300"),
+])
+def test_logit_bias_validation(bias: tuple[tuple[int, float], ...], message: str) -> None:
+    with pytest.raises(ValueError, match=message) as info:
+        SP(logit_bias=bias).validate(vocab_size=10 if len(bias) < 300 else 1000)
+    assert info.value.param == "logit_bias"  # type: ignore[attr-defined]
+
+
+def test_logit_bias_travels_in_msgpack() -> None:
+    import msgspec
+
+    params = SP(temperature=0, logit_bias=((3, -100.0), (17, 2.5)))
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(params), type=SP) == params
+    with pytest.raises(ValueError, match="logit_bias"):
+        make_batch([SP(logit_bias=((10, 1.0),))], V=10)

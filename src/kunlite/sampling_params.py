@@ -3,7 +3,11 @@ the engine process (it travels inside msgspec messages)."""
 
 from __future__ import annotations
 
+import math
+
 import msgspec
+
+MAX_LOGIT_BIAS = 300  # entries in logit_bias, OpenAI's limit
 
 
 class SamplingParamsError(ValueError):
@@ -30,6 +34,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # top-n logprobs per generated token (0: the sampled token only)
+    # (token id, bias) pairs, ids distinct: the bias is added to that token's logit before
+    # penalties and sampling (OpenAI semantics; -100 all but bans a token, +100 all but forces it)
+    logit_bias: tuple[tuple[int, float], ...] = ()
     skip_special_tokens: bool = True
 
     @property
@@ -60,9 +67,19 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
              "stop takes at most 16 non-empty strings of at most 1024 characters"),
             (self.seed is None or -(2**63) <= self.seed < 2**64, "seed", "seed must fit in 64 bits"),
         ]
+        bias_ids = [t for t, _ in self.logit_bias]
+        checks += [
+            (len(self.logit_bias) <= MAX_LOGIT_BIAS, "logit_bias",
+             f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens, got {len(self.logit_bias)}"),
+            (len(set(bias_ids)) == len(bias_ids), "logit_bias", "logit_bias names a token more than once"),
+            (all(math.isfinite(b) and -100.0 <= b <= 100.0 for _, b in self.logit_bias), "logit_bias",
+             "logit_bias values must be between -100 and 100"),
+        ]
         if vocab_size is not None:
             checks.append((all(0 <= t < vocab_size for t in self.stop_token_ids), "stop_token_ids",
                            f"stop_token_ids must be token ids below the vocabulary size {vocab_size}"))
+            checks.append((all(0 <= t < vocab_size for t in bias_ids), "logit_bias",
+                           f"logit_bias keys must be token ids below the vocabulary size {vocab_size}"))
         for ok, param, message in checks:
             if not ok:
                 raise SamplingParamsError(param, message)

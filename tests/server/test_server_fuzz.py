@@ -60,7 +60,7 @@ common_bad_fields = st.one_of(
     st.tuples(st.sampled_from(["stream", "ignore_eos", "skip_special_tokens"]), st.integers() | st.text()),
     st.tuples(st.just("stream_options"), st.text() | st.lists(json_leaf, max_size=2) | st.just({"include_usage": 3})),
     st.tuples(st.just("model"), st.text(max_size=30).filter(lambda m: m != MODEL) | st.integers()),
-    st.tuples(st.just("logit_bias"), st.just({"1": 5.0})),
+    st.tuples(st.just("logit_bias"), st.sampled_from([{"1": 500.0}, {"x": 1.0}, {"1": "a"}, {"-3": 1.0}, {"1": True}])),
 )
 completion_bad_fields = st.one_of(
     common_bad_fields,

@@ -1,9 +1,11 @@
-"""Batched token sampling on the device: penalties, temperature, top-k / top-p / min-p, and
-logprobs, with no Python loop over rows on the hot path and no device sync (the only host
-copies are the logprobs, and only when a row asks for them; a loop runs over seeded rows only).
+"""Batched token sampling on the device: logit bias, penalties, temperature, top-k / top-p /
+min-p, and logprobs, with no Python loop over rows on the hot path and no device sync (the
+only host copies are the logprobs, and only when a row asks for them; a loop runs over seeded
+rows only).
 
 Order of operations on each row (HF and vLLM semantics):
-    raw logits --(logprobs are taken here: "raw logprobs", vLLM's default)
+    raw logits --(logprobs are taken here: "raw logprobs", vLLM's default; logit_bias does not move them)
+    -> logit_bias: each row's (token, bias) pairs added (OpenAI: "added to the logits prior to sampling")
     -> min_tokens: EOS and stop_token_ids set to -inf while the row has fewer than min_tokens
     -> repetition penalty (HF, prompt + output tokens), presence / frequency (OpenAI, output)
     -> greedy rows: argmax here, exactly, with no randomness
@@ -63,6 +65,8 @@ class SamplingBatch:
     presence_penalty: Tensor  # (B,) float32
     frequency_penalty: Tensor  # (B,) float32
     greedy: Tensor  # (B,) bool
+    bias_index: Tensor | None  # (K,) int64 row * V + token of every logit_bias entry; None if no row has one
+    bias_values: Tensor | None  # (K,) float32 the bias of each entry
     output_counts: Tensor | None  # (B, V) float32 occurrences in the output; zero for rows without penalties
     prompt_mask: Tensor | None  # (B, V) bool token occurs in the prompt; None without repetition penalty
     banned_rows: Tensor | None  # (M,) int64 \ (row, token) pairs set to -inf: EOS / stop ids
@@ -111,15 +115,23 @@ class SamplingBatch:
                     if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0]
         output_counts = prompt_mask = None
         if pen_rows:
-            flat = _flat_index([output_token_ids[i] for i in pen_rows], pen_rows, V).to(device)  # (N,)
+            flat = _flat_index([output_token_ids[i] for i in pen_rows], pen_rows, V, "penalties").to(device)  # (N,)
             output_counts = torch.zeros(B * V, dtype=torch.float32, device=device)  # (B*V,)
             output_counts.index_put_((flat,), torch.ones((), device=device), accumulate=True)
             output_counts = output_counts.view(B, V)  # (B, V)
         if rep_rows:
-            flat = _flat_index([prompt_token_ids[i] for i in rep_rows], rep_rows, V)
+            flat = _flat_index([prompt_token_ids[i] for i in rep_rows], rep_rows, V, "penalties")
             prompt_mask = torch.zeros(B * V, dtype=torch.bool, device=device)  # (B*V,)
             prompt_mask[flat.to(device)] = True
             prompt_mask = prompt_mask.view(B, V)  # (B, V)
+
+        bias_index = bias_values = None
+        bias_rows = [i for i, p in enumerate(params) if p.logit_bias]
+        if bias_rows:
+            biases = [params[i].logit_bias for i in bias_rows]
+            ids = [[t for t, _ in row] for row in biases]
+            bias_index = _flat_index(ids, bias_rows, V, "logit_bias").to(device)  # (K,)
+            bias_values = torch.tensor([b for row in biases for _, b in row], dtype=torch.float32).to(device)  # (K,)
 
         banned: list[tuple[int, int]] = []  # (row, token) forbidden before min_tokens
         for i, p in enumerate(params):
@@ -138,6 +150,7 @@ class SamplingBatch:
             max_top_k=max(top_k), all_top_k=all(top_k),
             top_p=top_p, min_p=min_p, repetition_penalty=rep, presence_penalty=pres,
             frequency_penalty=freq, greedy=torch.tensor(greedy, dtype=torch.bool).to(device),
+            bias_index=bias_index, bias_values=bias_values,
             output_counts=output_counts, prompt_mask=prompt_mask,
             banned_rows=banned_rows, banned_ids=banned_ids,
             seeds=[(i, step_seed(p.seed, step_index[i])) for i, p in enumerate(params)
@@ -151,12 +164,13 @@ class SamplingBatch:
         )
 
 
-def _flat_index(token_lists: list[Sequence[int]], rows: list[int], V: int) -> Tensor:
-    """(N,) int64 of row * V + token over all tokens of the given rows (on the host)."""
+def _flat_index(token_lists: list[Sequence[int]], rows: list[int], V: int, what: str) -> Tensor:
+    """(N,) int64 of row * V + token over all tokens of the given rows (on the host); `what`
+    names the user of the ids in the ValueError for an id outside [0, V)."""
     lengths = [len(t) for t in token_lists]
     ids = np.fromiter(chain.from_iterable(token_lists), dtype=np.int64, count=sum(lengths))  # (N,)
     if ids.size and not (ids.min() >= 0 and ids.max() < V):
-        raise ValueError(f"token ids must be in [0, {V}) for penalties")
+        raise ValueError(f"token ids must be in [0, {V}) for {what}")
     return torch.from_numpy(np.repeat(np.asarray(rows, dtype=np.int64), lengths) * V + ids)  # (N,)
 
 
@@ -177,6 +191,8 @@ class Sampler:
     def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
         raw = logits.float()  # (B, V); may alias the caller's tensor: never written in place
         x = raw
+        if batch.bias_index is not None:  # out of place: `raw` stays the model's logits
+            x = x.flatten().index_add(0, batch.bias_index, batch.bias_values).view_as(raw)  # (B, V)
         if batch.banned_rows is not None:
             x = x.index_put((batch.banned_rows, batch.banned_ids), torch.tensor(float("-inf"), device=x.device))
         if not batch.no_penalties:

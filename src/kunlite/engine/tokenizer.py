@@ -117,6 +117,8 @@ class Tokenizer:
         `add_eos_token`: None leaves it to the backend's post_processor. `chat_templates`:
         by name ("default", "tool_use", ...)."""
         self._tok = backend
+        # without offsets, when the backend has it (tokenizers >= 0.21): a third faster
+        self._encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
         self._special_tokens = dict(special_tokens or {})
         self._add_bos, self._add_eos = add_bos_token, add_eos_token
         self._templates = dict(chat_templates or {})
@@ -190,12 +192,13 @@ class Tokenizer:
         return self.bos_token_id is not None and bool(ids) and ids[0] == self.bos_token_id
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; ValueError for text that is not valid Unicode (lone surrogates)."""
+        """Token ids of `text`; ValueError for text that is not valid Unicode (lone surrogates).
+        Releases the GIL while it runs: the backend's batch call does, its single one does not."""
         explicit = self._add_bos is not None or self._add_eos is not None
         try:
             if not add_special_tokens or not explicit:
-                return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
-            ids = self._tok.encode(text, add_special_tokens=False).ids
+                return self._encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+            ids = self._encode_batch([text], add_special_tokens=False)[0].ids
         except TypeError as e:  # the backend's answer to a str it cannot encode as UTF-8
             raise ValueError(f"text cannot be tokenized: {e}") from e
         if self._add_bos and self.bos_token_id is not None:

@@ -1,11 +1,13 @@
 """python -m kunlite serve [--model M] [--host 127.0.0.1] [--port 8000] [--api-key K]
-[--served-model-name N ...] [admission flags] [engine flags]"""
+[--served-model-name N ...] [--allowed-origins O ...] [--timeout-headers S] [--timeout-body S]
+[admission flags] [engine flags]"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import re
 import sys
 
 from kunlite.config import ConfigError, parse_size
@@ -28,6 +30,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _origin(text: str) -> str:
+    """A web origin as browsers send it (lowercase, no path, no trailing slash), or *."""
+    if text == "*" or re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/?#\s]+", text.lower()):
+        return text.lower()
+    raise argparse.ArgumentTypeError(f"an origin is scheme://host[:port], without a path, or *; got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m kunlite serve",
                                 description="Serve a model behind an OpenAI-compatible HTTP API.")
@@ -41,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model name(s) clients may use; the first one is listed first and "
                         "labels the metrics (default: the model's directory name, or --model as given)")
     g.add_argument("--max-request-body", default="8MiB", help="larger bodies get 413 (default: 8MiB)")
+    g.add_argument("--allowed-origins", nargs="+", type=_origin, default=(), metavar="ORIGIN",
+                   help="web origins (https://app.example:8080, or *) whose pages may call the API: CORS "
+                        "for them (default: none, no CORS headers)")
+    g.add_argument("--timeout-headers", type=_positive_float, default=10.0, metavar="S",
+                   help="a request's headers must arrive within S seconds of its first byte (of the "
+                        "connection, for its first request); else 408 and the connection is closed (default: 10)")
+    g.add_argument("--timeout-body", type=_positive_float, default=60.0, metavar="S",
+                   help="a request's body must arrive within S seconds of its headers; else 408 and the "
+                        "connection is closed (default: 60)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--no-access-log", dest="access_log", action="store_false", help="no line per HTTP request")
     g.add_argument("--no-warmup", dest="warmup", action="store_false",
@@ -63,6 +81,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(
         engine=options_from_args(args), served_model_names=tuple(args.served_model_name or ()),
         api_key=args.api_key or None, max_body_bytes=parse_size(args.max_request_body),
+        allowed_origins=tuple(args.allowed_origins), timeout_headers_s=args.timeout_headers,
+        timeout_body_s=args.timeout_body,
         admission=args.admission, slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
         max_queued_requests=args.max_queued_requests, max_queued_tokens=args.max_queued_tokens,
         warmup=args.warmup)
@@ -82,6 +102,7 @@ def main(argv: list[str]) -> int:
     import uvicorn
 
     from kunlite.server.app import build_app
+    from kunlite.server.http_timeouts import h11_protocol_with_header_timeout
 
     fatal: list[str] = []
     server: uvicorn.Server | None = None
@@ -92,7 +113,9 @@ def main(argv: list[str]) -> int:
             server.should_exit = True
 
     app = build_app(cfg, on_fatal=on_fatal)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+    metrics = app.state.runtime.metrics
+    http = h11_protocol_with_header_timeout(cfg.timeout_headers_s, on_timeout=lambda: metrics.aborted("header_timeout"))
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, http=http,
                             access_log=args.access_log, timeout_graceful_shutdown=5, log_config=None)
     server = uvicorn.Server(config)
     server.run()

@@ -73,6 +73,7 @@ def from_decode_error(e: Exception) -> ApiError:
     message = str(e)
     match = _PATH.search(message)
     param = match.group(1) if match else ""  # the full path, e.g. "messages[0].content"
+    param = param.split("[...]")[0]  # a value of a mapping ("logit_bias[...]") is the mapping's field
     missing = _MISSING.match(message)
     if missing:  # "Object missing required field `role` - at `$.messages[0]`"
         param = f"{param}.{missing.group(1)}" if param else missing.group(1)

@@ -79,6 +79,10 @@ class ServerMetrics:
             ("num_worker_deaths", "Device workers that died."),
         )}
         self._overload_seen: dict[str, float] = {}
+        self._aborted = Counter("kunlite:requests_aborted",
+                                "Requests that ended before their response began, by reason: the client went away "
+                                "(client_disconnect), or sent its headers or body too slowly (header_timeout, "
+                                "body_timeout).", m + ["reason"], registry=r)
         self.model_name = model_name
         self.ttft = self._ttft.labels(model_name)
         self.itl = self._itl.labels(model_name)
@@ -112,6 +116,9 @@ class ServerMetrics:
 
     def rejected(self, reason: str) -> None:
         self._rejected.labels(self.model_name, reason).inc()
+
+    def aborted(self, reason: str) -> None:
+        self._aborted.labels(self.model_name, reason).inc()
 
     def on_stats(self, stats: EngineStats) -> None:
         self.stats = stats

@@ -1,16 +1,22 @@
 """The OpenAI endpoints: request body -> prompts + SamplingParams -> Generation -> response.
 
 Validation happens before anything reaches the engine; every problem is an ApiError 400
-naming the field. Streams: the response starts only once the first output is back, so that a
-request shed at its deadline, or one that meets a dead engine, still gets a proper status;
-after that a failure is an SSE error event followed by [DONE].
+naming the field. Tokenizing and chat templates run off the event loop (`off_loop`) for all
+but small bodies, so that a request with megabytes of text never stalls the others.
+
+Streams: the response starts only once the first output is back, so that a request shed at
+its deadline, or one that meets a dead engine, still gets a proper status; after that a
+failure is an SSE error event followed by [DONE].
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+import os
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import msgspec
 from starlette.requests import Request
@@ -20,6 +26,7 @@ from starlette.types import Receive, Scope, Send
 from kunlite.sampling_params import SamplingParams, SamplingParamsError
 from kunlite.server.errors import ApiError, bad_request, from_decode_error
 from kunlite.server.generation import ClientGone, Generation
+from kunlite.server.http_guard import DISCONNECTED_STATUS
 from kunlite.server.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields,
                                      encoder)
 from kunlite.server.responses import (DONE, ChatFormatter, CompletionFormatter, TokenText, sse_error)
@@ -30,7 +37,13 @@ log = logging.getLogger("kunlite.server")
 MAX_PROMPTS = 256  # prompts in one completions request
 MAX_CHOICES = 256  # prompts * n
 _RESERVED_TEMPLATE_VARS = {"messages", "tools", "documents", "add_generation_prompt"}
-_DISCONNECTED_STATUS = 499  # nginx's "client closed request"; nobody reads it
+# Bodies up to this size are tokenized on the event loop (a few ms at most): no thread hop,
+# and no wait behind a large request in the pool.
+INLINE_BODY_BYTES = 8 << 10
+# Tokenizer threads: half the cores (the engine needs the rest), between two and four: one
+# huge request always leaves a thread for the others.
+TOKENIZER_THREADS = max(2, min(4, (os.cpu_count() or 2) // 2))
+T = TypeVar("T")
 
 
 _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
@@ -66,12 +79,21 @@ class OpenAIServing:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self._tokens: TokenText | None = None
+        self._pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="kunlite-tokenize")
 
     @property
     def tokens(self) -> TokenText:
         if self._tokens is None:
             self._tokens = TokenText(self.rt.tokenizer)  # type: ignore[arg-type]
         return self._tokens
+
+    async def off_loop(self, body_size: int, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) in the tokenizer pool, unless the body is small. The tokenizer releases the
+        GIL (Tokenizer.encode); a chat template holds it, but only for the interpreter's
+        switch interval (5 ms) at a time."""
+        if body_size <= INLINE_BODY_BYTES:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     # ------------------------------------------------------------------ shared checks
 
@@ -93,8 +115,6 @@ class OpenAIServing:
 
     def sampling_params(self, req: SamplingFields, prompts: list[list[int]], max_tokens: int | None,
                         logprobs: int | None) -> SamplingParams:
-        if req.logit_bias:
-            raise bad_request("logit_bias is not supported", "logit_bias")
         longest = max(len(p) for p in prompts)
         room = self.rt.max_model_len - longest
         if max_tokens is None:
@@ -116,19 +136,22 @@ class OpenAIServing:
                 repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
                 presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
                 stop=tuple(stop), stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=bool(req.ignore_eos),
-                logprobs=logprobs,
+                logprobs=logprobs, logit_bias=logit_bias_pairs(req.logit_bias),
                 skip_special_tokens=True if req.skip_special_tokens is None else req.skip_special_tokens,
             ).validate(vocab_size=self.rt.vocab_size)
         except SamplingParamsError as e:
             raise bad_request(str(e), e.param) from None
 
-    def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
-        # Tokenizing holds the GIL (about 2 us per character): a text that cannot fit the
-        # context is refused before it can stall the event loop.
+    def check_chars(self, text: str, param: str) -> None:
+        """Refuse, before tokenizing it (0.5 to 2 us a character), a text longer than any that
+        the context can hold: max_model_len tokens of the tokenizer's longest entry."""
         if len(text) > self.rt.max_prompt_chars:
             raise bad_request(f"the text has {len(text)} characters; this model's context of {self.rt.max_model_len} "
                               f"tokens cannot hold more than {self.rt.max_prompt_chars}", param,
                               "context_length_exceeded")
+
+    def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        self.check_chars(text, param)
         try:
             return self.rt.tokenizer.encode(text, add_special_tokens=add_special_tokens)  # type: ignore[union-attr]
         except ValueError as e:
@@ -136,8 +159,10 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------ /v1/completions
 
-    def completion_prompts(self, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
-        """Token ids and texts of each prompt (str, [str], [int] or [[int]])."""
+    def completion_prompts(self, req: CompletionRequest) -> tuple[list[list[int]], list[str] | None]:
+        """Token ids of each prompt (str, [str], [int] or [[int]]), and with `echo` their texts.
+        Every text's length is checked before any is tokenized, and each prompt right after it
+        is, so that a refused request costs the least tokenizing."""
         p = req.prompt
         if isinstance(p, str):
             items: list[Any] = [p]
@@ -152,11 +177,17 @@ class OpenAIServing:
                               "lists of token ids", "prompt")
         if len(items) > MAX_PROMPTS:
             raise bad_request(f"at most {MAX_PROMPTS} prompts in one request", "prompt")
-        ids = [self.encode(x, "prompt") if isinstance(x, str) else list(x) for x in items]
-        for x in ids:
-            self.check_prompt(x, "prompt")
-        texts = [x if isinstance(x, str) else self.rt.tokenizer.decode(x) for x in items]  # type: ignore[union-attr]
-        return ids, texts
+        for x in items:
+            if isinstance(x, str):
+                self.check_chars(x, "prompt")
+        ids = []
+        for x in items:
+            ids.append(self.encode(x, "prompt") if isinstance(x, str) else list(x))
+            self.check_prompt(ids[-1], "prompt")
+        if not req.echo:
+            return ids, None
+        decode = self.rt.tokenizer.decode  # type: ignore[union-attr]
+        return ids, [x if isinstance(x, str) else decode(x) for x in items]
 
     async def completions(self, body: bytes, request: Request) -> Response:
         req: CompletionRequest = decode_body(body, CompletionRequest)
@@ -167,10 +198,10 @@ class OpenAIServing:
             raise bad_request("best_of other than n is not supported", "best_of")
         if req.echo and req.logprobs is not None:
             raise bad_request("echo with logprobs is not supported (prompt logprobs are not computed)", "echo")
-        prompts, texts = self.completion_prompts(req)
+        prompts, texts = await self.off_loop(len(body), self.completion_prompts, req)
         params = self.sampling_params(req, prompts, 16 if req.max_tokens is None else req.max_tokens, req.logprobs)
         gen = Generation(self.rt, "cmpl", prompts, params, req.priority or 0)
-        fmt = CompletionFormatter(gen, model, self.tokens, echo=texts if req.echo else None, logprobs=req.logprobs)
+        fmt = CompletionFormatter(gen, model, self.tokens, echo=texts, logprobs=req.logprobs)
         return await self.respond(gen, fmt, request, bool(req.stream), _include_usage(req))
 
     # ------------------------------------------------------------------ /v1/chat/completions
@@ -209,7 +240,7 @@ class OpenAIServing:
         model = self.check_model(req.model)
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
-        prompt = self.chat_prompt(req)
+        prompt = await self.off_loop(len(body), self.chat_prompt, req)
         top = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self.sampling_params(req, [prompt], max_tokens, top)
@@ -234,7 +265,8 @@ class OpenAIServing:
                 await gen.next()
             return Response(encoder.encode(fmt.response()), media_type="application/json")
         except ClientGone:
-            return Response(status_code=_DISCONNECTED_STATUS)
+            self.rt.metrics.aborted("client_disconnect")
+            return Response(status_code=DISCONNECTED_STATUS)
         finally:
             if not handed_over:
                 gen.close()
@@ -264,6 +296,16 @@ class OpenAIServing:
         yield DONE
 
 
+def logit_bias_pairs(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} as (token id, bias) pairs; ranges are SamplingParams' to check."""
+    pairs = []
+    for key, value in (bias or {}).items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 10):  # 10 digits: no huge int to parse
+            raise bad_request(f"logit_bias keys must be token ids in decimal, got {key[:20]!r}", "logit_bias")
+        pairs.append((int(key), value))
+    return tuple(pairs)
+
+
 def _include_usage(req: SamplingFields) -> bool:
     return bool(req.stream_options and req.stream_options.include_usage)
 
@@ -284,6 +326,8 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             msg["content"] = parts
         elif m.content is not None:
             msg["content"] = m.content
+        elif m.role == "assistant":  # null beside tool_calls is valid OpenAI; templates add content to strings
+            msg["content"] = ""
         for key in ("name", "tool_calls", "tool_call_id"):
             if getattr(m, key) is not None:
                 msg[key] = getattr(m, key)

@@ -41,6 +41,9 @@ class ServeConfig:
     served_model_names: tuple[str, ...] = ()  # empty: derived from --model
     api_key: str | None = None
     max_body_bytes: int = 8 << 20
+    allowed_origins: tuple[str, ...] = ()  # CORS; empty: none
+    timeout_headers_s: float = 10.0  # a request's headers must arrive within this (then 408, close)
+    timeout_body_s: float = 60.0  # and its body within this of them
     admission: str = "fcfs"
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
