@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from kunlite.__main__ import main as kunlite_main
 from kunlite.engine.step_cost import step_features
+from kunlite.sim.profile import load_profile
 from kunlite.sim.profile_grid import FULL, QUICK, Grid, median_samples, reconstruct, split_evenly
 from tiny_models import make_tiny_model
 
@@ -91,3 +92,9 @@ def test_quick_profile_on_a_tiny_model(tiny_root: Path, tmp_path: Path, capsys: 
     assert ("decode B=4 c=64", ((1, 65),) * 4) in samples
     assert ("mixed B=4 c=64 + q=128 c=0", ((1, 65),) * 4 + ((128, 0),)) in samples
     assert samples[("prefill q=16 c=0", ((16, 0),))]["repeats"] == 2
+    # The event loop's view of it: a FittedStepCost, and a measured link once p2p is filled.
+    cost, link = load_profile(out)
+    batch = [(1, 40), (16, 0)]
+    assert cost.step_seconds(batch, (0, 3)) == pytest.approx(cost.weights.predict(batch)) and link is None
+    _, link = load_profile({**p, "p2p": [[1024, 1e-4], [1 << 20, 1e-3]]})
+    assert link is not None and link.seconds(1 << 20) == pytest.approx(1e-3)

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from kunlite.engine.args import add_engine_args, options_from_args
-from kunlite.engine.step_cost import FEATURES, fit_with_report
+from kunlite.engine.step_cost import FEATURES, FittedStepCost, StepCostWeights, fit_with_report
+from kunlite.sim.link import MeasuredLink
 from kunlite.sim.profile_grid import FULL, QUICK, Batch, Grid, Sample, median_samples, reconstruct
 
 
@@ -144,6 +145,16 @@ def profile(options: Any, grid: Grid, *, grid_name: str, log: Any = print) -> di
                 "report": report.to_dict()},
         "p2p": None,
     }
+
+
+def load_profile(source: str | Path | dict[str, Any]) -> tuple[FittedStepCost, MeasuredLink | None]:
+    """The step cost of a profile (a path or its parsed JSON), and its measured
+    point-to-point link when "p2p" holds one."""
+    p = source if isinstance(source, dict) else json.loads(Path(source).read_text())
+    if p.get("format") != 1:
+        raise ValueError(f"not a kunlite profile (format {p.get('format')!r})")
+    cost = FittedStepCost(StepCostWeights.from_dict(p["fit"]["weights"]), int(p["num_layers"]))
+    return cost, (MeasuredLink.from_pairs(p["p2p"]) if p.get("p2p") else None)
 
 
 def _torch_threads() -> int:
