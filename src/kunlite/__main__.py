@@ -1,4 +1,4 @@
-"""python -m kunlite {serve, generate, pull, bench} ...
+"""python -m kunlite {serve, generate, pull, bench, profile} ...
 
 Each subcommand lives in the module that owns it; this file only dispatches, so that
 `python -m kunlite pull` does not import torch-heavy code it does not need.
@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pull": ("kunlite.engine.pull", "fetch a model into the local cache (e.g. smollm2)"),
     "worker": ("kunlite.engine.cluster.device", "a device worker that joins a cluster (torchrun's env variables)"),
     "bench": ("kunlite.bench.cli", "benchmarks: `bench serve` drives any OpenAI-compatible server"),
+    "profile": ("kunlite.sim.profile", "time engine steps over a grid and fit the step cost model"),
 }
 
 

@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,41 @@ def load_sharegpt(
     return out + [out[i] for i in extra]
 
 
+def read_burstgpt_rows(
+    path: str,
+    models: Collection[str] | None = None,
+    log_types: Collection[str] | None = None,
+) -> list[tuple[float, int, int]]:
+    """(timestamp, request tokens, response tokens) of a BurstGPT CSV's usable rows, sorted by
+    timestamp (stable: equal timestamps keep file order).
+
+    Rows with 0 request or response tokens (failed requests in the trace) or unreadable
+    numbers are skipped; with `models` / `log_types`, so are rows whose Model / Log Type is
+    not among them.
+    """
+    rows: list[tuple[float, int, int]] = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        need = BURSTGPT_COLUMNS + (("Log Type",) if log_types is not None else ())
+        missing = [c for c in need if c not in (reader.fieldnames or [])]
+        if missing:
+            raise SystemExit(f"{path}: not a BurstGPT CSV, missing columns {missing}")
+        for row in reader:
+            if models is not None and row["Model"] not in models:
+                continue
+            if log_types is not None and row["Log Type"] not in log_types:
+                continue
+            try:
+                ts = float(row["Timestamp"])
+                n_in, n_out = int(float(row["Request tokens"])), int(float(row["Response tokens"]))
+            except (TypeError, ValueError):
+                continue
+            if n_in > 0 and n_out > 0:
+                rows.append((ts, n_in, n_out))
+    rows.sort(key=lambda r: r[0])
+    return rows
+
+
 def load_burstgpt(
     path: str, num: int, tokens: TextTokens, rng: np.random.Generator
 ) -> list[Sample]:
@@ -216,21 +252,7 @@ def load_burstgpt(
     contiguous window, not a random sample, so that the timestamps replay a real stretch of
     the trace. With fewer rows than num it uses them all and says so.
     """
-    rows: list[tuple[float, int, int]] = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in BURSTGPT_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise SystemExit(f"{path}: not a BurstGPT CSV, missing columns {missing}")
-        for row in reader:
-            try:
-                ts = float(row["Timestamp"])
-                n_in, n_out = int(float(row["Request tokens"])), int(float(row["Response tokens"]))
-            except (TypeError, ValueError):
-                continue
-            if n_in > 0 and n_out > 0:
-                rows.append((ts, n_in, n_out))
-    rows.sort(key=lambda r: r[0])  # stable: equal timestamps keep file order
+    rows = read_burstgpt_rows(path)
     if not rows:
         raise SystemExit(f"{path}: no usable rows")
     if len(rows) < num:

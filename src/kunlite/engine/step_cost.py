@@ -1,0 +1,222 @@
+"""The cost of one engine step, from the shape of its batch: a fitted linear model.
+
+A step runs a batch of sequences; sequence i brings q_i new tokens (its query length: 1 for a
+decode, a chunk for a prefill) on top of c_i tokens already in its KV cache (its context
+before the step). The step's features:
+
+    T = sum q_i                        tokens: the linear layers and the FFN, per token
+    A = sum q_i * (c_i + (q_i + 1)/2)  attention pairs: token j of the chunk (0-based) attends
+                                       the c_i cached keys and the j + 1 keys of the chunk up
+                                       to itself, and sum_j (c_i + j + 1) = q_i (c_i + (q_i+1)/2)
+    B = number of sequences            per-sequence work: sampling, the LM head, bookkeeping
+    1                                  the fixed cost of a step
+
+    step_seconds = w_T * T + w_A * A + w_B * B + w_0,   every w >= 0
+
+The weights are fitted by non-negative least squares (Lawson-Hanson, numpy only) from
+measured (batch, seconds) samples, by default on relative errors (each row divided by its
+measured time) so that a 10 ms decode step counts as much as a 1 s prefill.
+
+`StepCost` is the interface the simulator costs a pipeline stage with; `FittedStepCost` is this
+model behind it, `kunlite.sim.hardware.AnalyticStepCost` the analytic one. Pure: plain numbers
+in, seconds out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+Batch = Sequence[tuple[int, int]]  # (query_len q_i >= 1, context_len c_i >= 0) per sequence
+FEATURES = ("tokens", "attention_pairs", "sequences", "constant")
+
+
+class StepCost(Protocol):
+    def step_seconds(self, batch: Batch, layers: tuple[int, int]) -> float:
+        """Seconds for a device holding decoder layers [l0, l1) to run one step of the batch
+        (its share of the step when the model is split into pipeline stages). The stage with
+        l0 == 0 also embeds the tokens; the one with l1 == num_layers applies the LM head."""
+        ...
+
+
+def step_features(batch: Batch) -> tuple[int, int, int, int]:
+    """(T, A, B, 1) of a batch, as integers: q (q + 1) is even, so A is whole."""
+    t = a = 0
+    for q, c in batch:
+        if q < 1 or c < 0:
+            raise ValueError(f"a sequence needs q >= 1 and c >= 0, got (q={q}, c={c})")
+        t += q
+        a += q * c + q * (q + 1) // 2
+    return t, a, len(batch), 1
+
+
+def feature_matrix(batches: Sequence[Batch]) -> np.ndarray:
+    """(n, 4) float64 features of n batches, columns as FEATURES."""
+    return np.array([step_features(b) for b in batches], dtype=np.float64).reshape(-1, len(FEATURES))
+
+
+@dataclass(frozen=True)
+class StepCostWeights:
+    """Seconds per token, per attention pair, per sequence and per step; all >= 0."""
+
+    per_token: float
+    per_attention_pair: float
+    per_sequence: float
+    per_step: float
+
+    def __post_init__(self) -> None:
+        if not all(w >= 0.0 for w in self.as_array()):  # also rejects NaN
+            raise ValueError(f"step cost weights must be >= 0: {self}")
+
+    def as_array(self) -> np.ndarray:
+        return np.array([self.per_token, self.per_attention_pair, self.per_sequence, self.per_step])
+
+    def predict(self, batch: Batch) -> float:
+        """Seconds for the whole model to run one step of the batch."""
+        t, a, b, one = step_features(batch)
+        return self.per_token * t + self.per_attention_pair * a + self.per_sequence * b + self.per_step * one
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StepCostWeights":
+        return cls(**{k: float(d[k]) for k in ("per_token", "per_attention_pair", "per_sequence", "per_step")})
+
+
+@dataclass(frozen=True)
+class FittedStepCost:
+    """`StepCost` from weights measured on the whole model of num_layers layers.
+
+    A stage holding layers [l0, l1) costs share * (w_T T + w_A A + w_B B) + w_0 with share =
+    (l1 - l0) / num_layers. This is an approximation: the embedding and the LM head (inside
+    w_T and w_B) are spread over the layers instead of charged to the first and last stage,
+    and every stage pays the whole fixed cost w_0 of a step (scheduling, launches).
+    """
+
+    weights: StepCostWeights
+    num_layers: int
+
+    def step_seconds(self, batch: Batch, layers: tuple[int, int]) -> float:
+        l0, l1 = layers
+        if not 0 <= l0 < l1 <= self.num_layers:
+            raise ValueError(f"layer range {layers} is not inside [0, {self.num_layers})")
+        w = self.weights
+        t, a, b, _ = step_features(batch)
+        share = (l1 - l0) / self.num_layers
+        return share * (w.per_token * t + w.per_attention_pair * a + w.per_sequence * b) + w.per_step
+
+
+# ---------------------------------------------------------------------------- fitting
+
+
+def nnls(a: np.ndarray, b: np.ndarray, max_iter: int | None = None) -> np.ndarray:
+    """argmin ||a x - b||_2 subject to x >= 0 (Lawson and Hanson's active-set method).
+
+    Columns are scaled to unit norm first (the features span many orders of magnitude); an
+    all-zero column gets weight 0. Returns x >= 0 exactly (no negative entry ever).
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    m, n = a.shape
+    norms = np.linalg.norm(a, axis=0)
+    live = norms > 0
+    scale = np.where(live, norms, 1.0)
+    s = a / scale  # (m, n) unit-norm columns (zero columns stay zero)
+    tol = 10 * np.finfo(np.float64).eps * max(m, n) * max(float(np.linalg.norm(b)), 1.0)
+    x = np.zeros(n)
+    passive = np.zeros(n, dtype=bool)  # invariant: x[~passive] == 0
+    for _ in range(max_iter or 3 * n + 10):
+        w = s.T @ (b - s @ x)  # negative gradient of the half squared residual
+        free = ~passive & live
+        if not free.any() or w[free].max() <= tol:
+            break
+        passive[np.argmax(np.where(free, w, -np.inf))] = True
+        for _ in range(n):  # each pass that does not finish drops at least one passive entry
+            z = np.zeros(n)
+            z[passive] = np.linalg.lstsq(s[:, passive], b, rcond=None)[0]
+            if (z[passive] > 0).all():
+                x = z
+                break
+            # Step from x towards z until the first passive entry reaches 0; drop those.
+            neg = passive & (z <= 0)
+            alpha = np.min(x[neg] / (x[neg] - z[neg]))
+            x = x + alpha * (z - x)
+            passive &= x > tol
+            x[~passive] = 0.0
+    return np.maximum(x, 0.0) / scale
+
+
+def fit_weights(batches: Sequence[Batch], seconds: Sequence[float], *, relative: bool = True) -> StepCostWeights:
+    """Non-negative least-squares weights from measured steps.
+
+    relative=True minimises sum ((pred - s) / s)^2, the relative errors; False the absolute
+    ones. With collinear features (every step a decode: T == B) the split between the
+    collinear weights is arbitrary but the predictions on such batches stay right.
+    """
+    x = feature_matrix(batches)
+    y = np.asarray(seconds, dtype=np.float64)
+    if len(x) != len(y) or len(y) == 0:
+        raise ValueError(f"need as many seconds as batches, and at least one: {len(x)} vs {len(y)}")
+    if not (y > 0).all():
+        raise ValueError("every measured step must take > 0 seconds")
+    row = 1.0 / y if relative else np.ones_like(y)
+    w = nnls(x * row[:, None], y * row)
+    return StepCostWeights(*(float(v) for v in w))
+
+
+@dataclass(frozen=True)
+class FitReport:
+    """How well weights predict measured steps. Relative errors are |pred - s| / s."""
+
+    num_fit: int  # samples the evaluated weights were fitted on
+    num_eval: int  # samples evaluated
+    held_out: bool  # whether the evaluated samples were left out of that fit
+    r2: float  # on seconds; 0.0 when the measured seconds do not vary
+    median_rel_error: float
+    p90_rel_error: float
+    max_rel_error: float
+    max_abs_error_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def format(self) -> str:
+        where = "held-out" if self.held_out else "in-sample"
+        return (f"fit on {self.num_fit} steps, {where} on {self.num_eval}: R^2 {self.r2:.4f}, relative error "
+                f"median {self.median_rel_error:.1%} P90 {self.p90_rel_error:.1%} max {self.max_rel_error:.1%}, "
+                f"max error {self.max_abs_error_s * 1000:.2f} ms")
+
+
+def evaluate(weights: StepCostWeights, batches: Sequence[Batch], seconds: Sequence[float], *,
+             num_fit: int, held_out: bool) -> FitReport:
+    y = np.asarray(seconds, dtype=np.float64)
+    pred = feature_matrix(batches) @ weights.as_array()
+    err = pred - y
+    ss_res, ss_tot = float(err @ err), float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 if ss_res == 0 else (1.0 - ss_res / ss_tot if ss_tot > 0 else 0.0)
+    rel = np.abs(err) / y
+    return FitReport(num_fit=num_fit, num_eval=len(y), held_out=held_out, r2=r2,
+                     median_rel_error=float(np.median(rel)), p90_rel_error=float(np.percentile(rel, 90)),
+                     max_rel_error=float(rel.max()), max_abs_error_s=float(np.abs(err).max()))
+
+
+def fit_with_report(batches: Sequence[Batch], seconds: Sequence[float], *, holdout_every: int = 4,
+                    relative: bool = True) -> tuple[StepCostWeights, FitReport]:
+    """Weights fitted on every sample, and the report of a fit that left every
+    `holdout_every`-th sample out, evaluated on those (in-sample below 2 * holdout_every
+    samples, where a hold-out would leave too little to fit)."""
+    n = len(batches)
+    weights = fit_weights(batches, seconds, relative=relative)
+    if n < 2 * holdout_every:
+        return weights, evaluate(weights, batches, seconds, num_fit=n, held_out=False)
+    test = np.zeros(n, dtype=bool)
+    test[holdout_every - 1 :: holdout_every] = True
+    train_i, test_i = np.flatnonzero(~test).tolist(), np.flatnonzero(test).tolist()
+    w_train = fit_weights([batches[i] for i in train_i], [seconds[i] for i in train_i], relative=relative)
+    report = evaluate(w_train, [batches[i] for i in test_i], [seconds[i] for i in test_i],
+                      num_fit=len(train_i), held_out=True)
+    return weights, report
