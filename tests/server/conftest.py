@@ -14,9 +14,9 @@ def server_factory(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     """Start servers with extra flags; all are stopped at the end of the module."""
     started: list[ServerProcess] = []
 
-    def make(*args: str, api_key: str | None = API_KEY) -> ServerProcess:
+    def make(*args: str, api_key: str | None = API_KEY, port: int | None = None) -> ServerProcess:
         log_path = tmp_path_factory.mktemp("server") / "server.log"
-        started.append(start_server(smollm2, log_path, *args, api_key=api_key))
+        started.append(start_server(smollm2, log_path, *args, api_key=api_key, port=port))
         return started[-1]
 
     yield make

@@ -62,8 +62,10 @@ class ServerProcess:
         return out
 
 
-def start_server(model_dir: Path, log_path: Path, *args: str, api_key: str | None = API_KEY) -> ServerProcess:
-    port = free_port()
+def start_server(model_dir: Path, log_path: Path, *args: str, api_key: str | None = API_KEY,
+                 port: int | None = None) -> ServerProcess:
+    """Start a server on `port` (default: a free one) and wait until /health says 200."""
+    port = port or free_port()
     cmd = [sys.executable, "-m", "kunlite", "serve", "--model", str(model_dir), "--served-model-name", MODEL,
            "--port", str(port), "--threads", "1", "--no-access-log", *args]
     if api_key:

@@ -146,9 +146,13 @@ def test_health_is_503_until_the_model_is_loaded(server: ServerProcess) -> None:
 
 
 def test_health_metrics_and_models_need_no_key_where_they_should(server: ServerProcess) -> None:
-    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"  # and the instances' states
     assert httpx.get(server.url + "/metrics").status_code == 200
     assert httpx.get(server.url + "/v1/models").status_code == 401
+    # The dashboard's page and files are open; its data (/v1/cluster) is not.
+    assert httpx.get(server.url + "/dashboard").status_code == 200
+    assert httpx.get(server.url + "/dashboard/static/dashboard.css").status_code == 200
+    assert httpx.get(server.url + "/v1/cluster").status_code == 401
 
 
 def test_tokenize_and_detokenize(http: httpx.Client) -> None:
@@ -181,6 +185,7 @@ METRIC_NAMES = [
     "kunlite:time_to_first_token_seconds_bucket", "kunlite:inter_token_latency_seconds_bucket",
     "kunlite:e2e_request_latency_seconds_bucket", "kunlite:request_queue_time_seconds_bucket",
     "kunlite:num_requests_running", "kunlite:num_requests_waiting", "kunlite:kv_cache_usage_perc",
+    "kunlite:request_time_per_output_token_seconds_bucket",
     "kunlite:num_preemptions_total", "kunlite:prompt_tokens_total", "kunlite:generation_tokens_total",
     "kunlite:request_success_total", "kunlite:requests_rejected_total",
 ]
@@ -190,10 +195,10 @@ def test_metrics_names(http: httpx.Client) -> None:
     http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
     text = http.get("/metrics").text
     for name in METRIC_NAMES:
-        if name != "kunlite:requests_rejected_total":  # no sample until something is rejected
-            assert f"\n{name}{{" in text, name
-    assert "# TYPE kunlite:requests_rejected_total counter" in text
-    assert 'finished_reason="length"' in text
+        assert f"\n{name}{{" in text, name
+    # Every finish and rejection reason has a series from the start (at 0 until it happens).
+    assert 'finished_reason="length"' in text and 'finished_reason="abort"' in text
+    assert 'reason="queue_requests"' in text
     assert f'model_name="{MODEL}"' in text
 
 

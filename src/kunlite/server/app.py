@@ -30,24 +30,26 @@ from kunlite.server.openai_serving import OpenAIServing, chat_messages, decode_b
 from kunlite.server.protocol import (DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, TokenizeRequest,
                                      TokenizeResponse, encoder)
 from kunlite.server.cluster_view import cluster_view
+from kunlite.server.dashboard import dashboard_routes, is_open_path
 from kunlite.server.runtime import Runtime, ServeConfig
 
 log = logging.getLogger("kunlite.server")
 
-OPEN_PATHS = frozenset({"/health", "/metrics"})  # answered without an API key
+OPEN_PATHS = frozenset({"/health", "/metrics"})  # answered without an API key (and the dashboard's files)
 
 
 class ApiKeyMiddleware:
     """401 unless `Authorization: Bearer <key>`, the scheme in any case (RFC 7235). The keys
     are compared as SHA-256 digests in constant time, so that neither the key's content nor its
-    length leaks through timing."""
+    length leaks through timing. /health, /metrics and the dashboard's static files are open;
+    the dashboard's data is not."""
 
     def __init__(self, app: ASGIApp, api_key: str | None) -> None:
         self.app = app
         self.digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.digest is not None and scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+        if self.digest is not None and scope["type"] == "http" and not _is_open(scope["path"]):
             given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
             scheme, _, key = given.partition(b" ")
             key_ok = hmac.compare_digest(hashlib.sha256(key.lstrip(b" ")).digest(), self.digest)
@@ -56,6 +58,10 @@ class ApiKeyMiddleware:
                 await err.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _is_open(path: str) -> bool:
+    return path in OPEN_PATHS or is_open_path(path)
 
 
 def json_response(obj: Any, status: int = 200) -> Response:
@@ -174,6 +180,7 @@ def build_app(cfg: ServeConfig, on_fatal: Callable[[str], None] | None = None) -
         Route("/health", health, methods=["GET"]),
         Route("/v1/cluster", cluster, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        *dashboard_routes(),
     ]
     # CORS outside the key check: a browser's preflight carries no key.
     middleware = [*cors_middleware(cfg.allowed_origins), Middleware(ApiKeyMiddleware, api_key=cfg.api_key)]

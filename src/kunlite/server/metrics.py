@@ -1,10 +1,13 @@
 """Prometheus metrics, named like vLLM's (`vllm:` -> `kunlite:`) so that existing dashboards
 work, and the one-line periodic log.
 
-Every metric carries the `model_name` label, as vLLM's do. Each server has its own registry
-(several servers can live in one test process). Latencies are measured in the front end, at
-the moment an engine output reaches it; the queue time is measured in the engine (from the
-request's arrival there to its first scheduled step).
+Every metric carries the `model_name` label, as vLLM's do. Every counter is exposed from the
+start, at 0 until its first event (the labelled ones for every finish reason and rejection
+reason, as vLLM does for its finish reasons), so that dashboards (examples/grafana/) find
+their series before the first event.
+Each server has its own registry (several servers can live in one test process). Latencies
+are measured in the front end, at the moment an engine output reaches it; the queue time is
+measured in the engine (from the request's arrival there to its first scheduled step).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from kunlite.engine.messages import EngineStats
 
+FINISH_REASONS = ("stop", "length", "abort")
+REJECT_REASONS = ("slo_ttft", "slo_tpot", "queue_requests", "queue_tokens", "deadline")  # admission's, the shedder's
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                     10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 _REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
@@ -32,6 +37,9 @@ class ServerMetrics:
         self._ttft = hist("kunlite:time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS)
         self._itl = hist("kunlite:inter_token_latency_seconds", "Time between two outputs of a sequence.",
                          _LATENCY_BUCKETS)
+        self._tpot = hist("kunlite:request_time_per_output_token_seconds",
+                          "Time per output token of a finished request: (end - first token) / (tokens - 1).",
+                          _LATENCY_BUCKETS)
         self._e2e = hist("kunlite:e2e_request_latency_seconds", "End-to-end request latency.", _REQUEST_BUCKETS)
         self._queue = hist("kunlite:request_queue_time_seconds",
                            "Time a request waited in the engine queue.", _REQUEST_BUCKETS)
@@ -86,6 +94,7 @@ class ServerMetrics:
         self.model_name = model_name
         self.ttft = self._ttft.labels(model_name)
         self.itl = self._itl.labels(model_name)
+        self.tpot = self._tpot.labels(model_name)
         self.e2e = self._e2e.labels(model_name)
         self.queue_time = self._queue.labels(model_name)
         self.running = self._running.labels(model_name)
@@ -94,6 +103,12 @@ class ServerMetrics:
         self.ttft_calibration = self._calibration.labels(model_name)
         self.ttft_calibration.set(1.0)
         self.preemptions = self._preemptions.labels(model_name)
+        for reason in FINISH_REASONS:
+            self._success.labels(model_name, reason)
+        for reason in REJECT_REASONS:
+            self._rejected.labels(model_name, reason)
+        for counter in self._overload.values():
+            counter.labels(model_name)
         self._prompt_tokens = self._prompt.labels(model_name)
         self._generation_tokens = self._generation.labels(model_name)
         self.prompt_total = 0  # the two token counters' values, for the log line

@@ -250,7 +250,9 @@ class Runtime:
         first = self._first_token_at.pop(request_id, None)
         if req is not None and first is not None and req.generated > 1 and req.live_seqs == 0:
             now = time.monotonic()
-            self.recent.add("tpot", now, (now - first) / (req.generated - 1))
+            tpot = (now - first) / (req.generated - 1)
+            self.recent.add("tpot", now, tpot)
+            self.metrics.tpot.observe(tpot)
         self._last_output.pop(request_id, None)
         if self.engine is not None:
             self.engine.release(request_id)
