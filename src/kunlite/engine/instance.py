@@ -77,7 +77,6 @@ class _Flight:
     started: float  # time.perf_counter() at plan
     prefill: int
     decode: int
-    context: int
 
 
 class Instance:
@@ -183,8 +182,7 @@ class Instance:
                 swap_out=swap_out, swap_in=swap_in))
         prefill = sum(n for _, n in sched.scheduled if n > 1)
         self.flights[step_id] = _Flight(sched, sampled, time.perf_counter(), prefill,
-                                        sched.num_batched_tokens - prefill,
-                                        sum(s.num_computed_tokens for s, _ in sched.scheduled))
+                                        sched.num_batched_tokens - prefill)
         return works
 
     def _page_table(self, m: Member, sched: SchedulerOutput) -> np.ndarray:
@@ -234,8 +232,8 @@ class Instance:
                 if not seq.is_finished:
                     self.scheduler.finish(seq, "abort")
                     outputs.append(output_of(seq, []))
-        self.timings.append(StepTiming(flight.prefill, flight.decode, flight.context,
-                                       time.perf_counter() - flight.started))
+        context = sum(s.num_computed_tokens for s, _ in sched.scheduled)  # KV lengths after the step
+        self.timings.append(StepTiming(flight.prefill, flight.decode, context, time.perf_counter() - flight.started))
         return outputs
 
     def swap_counters(self, page_bytes: int) -> dict[str, int]:

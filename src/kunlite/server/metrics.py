@@ -20,6 +20,7 @@ from kunlite.engine.messages import EngineStats
 
 FINISH_REASONS = ("stop", "length", "abort")
 REJECT_REASONS = ("slo_ttft", "slo_tpot", "queue_requests", "queue_tokens", "deadline")  # admission's, the shedder's
+ABORT_REASONS = ("client_disconnect", "header_timeout", "body_timeout")  # before a response began
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                     10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 _REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
@@ -107,6 +108,8 @@ class ServerMetrics:
             self._success.labels(model_name, reason)
         for reason in REJECT_REASONS:
             self._rejected.labels(model_name, reason)
+        for reason in ABORT_REASONS:
+            self._aborted.labels(model_name, reason)
         for counter in self._overload.values():
             counter.labels(model_name)
         self._prompt_tokens = self._prompt.labels(model_name)
