@@ -36,6 +36,7 @@ from kunlite.bench.datasets import TextTokens
 from kunlite.engine.cluster.launch import free_port
 from kunlite.engine.pull import resolve_model
 
+SERVED = "SmolLM2-135M-Instruct"
 POLICIES = {
     "recompute": ["--overload-policy", "recompute"],
     "swap": ["--overload-policy", "swap", "--swap-space", "2GiB"],
@@ -46,7 +47,8 @@ POLICIES = {
 
 def start(model: str, args: argparse.Namespace, policy: list[str], log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port("127.0.0.1")
-    cmd = [sys.executable, "-m", "kunlite", "serve", "--model", model, "--port", str(port), "--devices", "2",
+    cmd = [sys.executable, "-m", "kunlite", "serve", "--model", model, "--served-model-name", SERVED, "--port",
+           str(port), "--devices", "2",
            "--threads", "1", "--device-memory", args.device_memory, "--max-model-len", str(args.max_model_len),
            "--no-access-log", *policy]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT,
@@ -128,7 +130,7 @@ def main() -> None:
     loads = workloads(args)
     out_dir = Path(args.json).parent if args.json else Path(".")
     for name, reqs in loads.items():
-        write_trace(out_dir / f"bench_burst_{name}.csv", reqs, "SmolLM2-135M-Instruct")
+        write_trace(out_dir / f"bench_burst_{name}.csv", reqs, SERVED)
     began = time.time()
     results: dict[str, dict] = {}
     rows = []
@@ -138,7 +140,7 @@ def main() -> None:
         try:
             for scenario, reqs in loads.items():
                 t = time.time()
-                res = run(url, "SmolLM2-135M-Instruct", reqs, tokens, slos=slos)
+                res = run(url, SERVED, reqs, tokens, slos=slos)
                 results[f"{policy}/{scenario}"] = res
                 rows.append(row(policy, scenario, res, slos))
                 print(f"{policy} {scenario}: {time.time() - t:.0f} s", rows[-1], file=sys.stderr, flush=True)
