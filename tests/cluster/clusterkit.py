@@ -54,7 +54,7 @@ def reference(model: Path, prompts: list[list[int]] = PROMPTS, params: SamplingP
 def assert_nothing_held(c: Cluster) -> None:
     """Exact KV accounting on every device: free + used == total, nothing used, running, waiting,
     swapped or reserved."""
-    for inst in c.instances:
+    for inst in c.instances.values():
         inst.kv.check()
         sched = inst.scheduler
         assert not (sched.running or sched.waiting or sched.swapped), inst.id

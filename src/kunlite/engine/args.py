@@ -14,8 +14,10 @@ log = logging.getLogger(__name__)
 
 # What happens when KV runs out: recompute (vLLM: free a preempted request's KV, prefill it
 # again), swap (InferCept: its KV to host memory and back), migrate (Llumnix: move a running
-# request's KV to an instance with room, live).
-OVERLOAD_POLICIES = ("recompute", "swap", "migrate")
+# request's KV to an instance with room, live), kunserve (parameter-centric: merge replicas
+# into pipelines and turn the duplicate parameters into KV; engine/cluster/elastic.py).
+OVERLOAD_POLICIES = ("recompute", "swap", "migrate", "kunserve")
+EXCHANGE_MODES = ("stall", "remote-attention", "recompute")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,10 @@ class EngineOptions:
     comm_timeout: float = 60.0  # seconds a tensor receive may wait
     heartbeat_timeout: float = 5.0  # seconds of silence after which a worker is dead
     restart_workers: bool = True
+    exchange: str = "stall"  # kunserve: what running requests do while their KV moves
+    drop_usage: float = 0.95  # kunserve: throttled at this KV use (and a queue that cannot fit)
+    calm_fraction: float = 0.5  # kunserve: calm under this share of the undropped capacity
+    calm_window: float = 5.0  # kunserve: ... for this many seconds without growth
 
     def check_cluster(self) -> None:
         """The cluster flags that can be judged before anything starts (ConfigError)."""
@@ -57,8 +63,14 @@ class EngineOptions:
                               f"needs {K} devices")
         if self.local_devices is not None and not 0 <= self.local_devices <= N:
             raise ConfigError(f"--local-devices {self.local_devices} must be between 0 and --devices {N}")
-        if self.overload_policy == "migrate" and N // K < 2:
-            raise ConfigError("--overload-policy migrate needs at least two instances (--devices / --pipeline-parallel)")
+        if self.overload_policy in ("migrate", "kunserve") and N // K < 2:
+            raise ConfigError(f"--overload-policy {self.overload_policy} needs at least two instances "
+                              "(--devices / --pipeline-parallel)")
+        if self.overload_policy == "kunserve" and K != 1:
+            raise ConfigError("--overload-policy kunserve starts from replicas (--pipeline-parallel 1): it forms the "
+                              "pipelines itself")
+        if self.exchange not in EXCHANGE_MODES:
+            raise ConfigError(f"--exchange must be one of {', '.join(EXCHANGE_MODES)}")
         if N > 1 and self.master_port is not None:
             check_port_free(self.master_addr, self.master_port, "--master-port")
 
@@ -145,8 +157,18 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="address of the rendezvous store (MASTER_ADDR of remote workers); 0.0.0.0 for other nodes")
     c.add_argument("--master-port", type=int, default=None, help="its port (MASTER_PORT; default: a free one)")
     c.add_argument("--overload-policy", default="recompute", choices=OVERLOAD_POLICIES,
-                   help="when KV runs out: recompute (vLLM), swap to host (InferCept), migrate (Llumnix)")
+                   help="when KV runs out: recompute (vLLM), swap to host (InferCept), migrate (Llumnix), kunserve "
+                        "(drop replicated parameters into KV)")
     c.add_argument("--swap-space", default=None, help="host memory per device for swapped-out KV, e.g. 2GiB")
+    c.add_argument("--exchange", default="stall", choices=EXCHANGE_MODES,
+                   help="kunserve: what running requests do while their KV moves to the member that now runs its "
+                        "layers: stall (pause), remote-attention (keep decoding), recompute (prefill again)")
+    c.add_argument("--drop-usage", type=float, default=0.95,
+                   help="kunserve: an instance is throttled at this KV use if its queue cannot fit")
+    c.add_argument("--calm-fraction", type=float, default=0.5,
+                   help="kunserve: a group is calm under this share of the KV it would have undropped")
+    c.add_argument("--calm-window", type=float, default=5.0,
+                   help="kunserve: ... with nothing waiting and use not rising for this many seconds")
     c.add_argument("--join-timeout", type=float, default=180.0, help="seconds for every worker to join and load")
     c.add_argument("--comm-timeout", type=float, default=60.0, help="seconds a tensor receive may wait")
     c.add_argument("--heartbeat-timeout", type=float, default=5.0, help="seconds of silence before a worker is dead")

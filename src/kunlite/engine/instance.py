@@ -17,6 +17,7 @@ until then).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 import json
 import math
 import time
@@ -74,6 +75,7 @@ class _Flight:
 
     sched: SchedulerOutput
     sampled: list[Sequence]  # sequences whose last token is sampled, in sample-row order
+    last_rank: int  # the member whose StageDone commits it
     started: float  # time.perf_counter() at plan
     prefill: int
     decode: int
@@ -81,7 +83,8 @@ class _Flight:
 
 class Instance:
     def __init__(self, iid: int, members: list[Member], config: SchedulerConfig, policy: PreemptionPolicy,
-                 eos: frozenset[int], max_model_len: int, *, priority_order: bool = False) -> None:
+                 eos: frozenset[int], max_model_len: int, *, priority_order: bool = False,
+                 step_ids: Iterator[int] | None = None) -> None:
         self.id = iid
         self.members = members
         self.config = config
@@ -93,7 +96,7 @@ class Instance:
         self.flights: dict[int, _Flight] = {}
         self.timings: list[StepTiming] = []
         self.events: list[ClusterEvent] = []  # for the monitor's timeline; taken by the engine loop
-        self._step_ids = itertools.count()
+        self._step_ids = step_ids or itertools.count()  # shared by a cluster's instances: ids are unique
         self._aborting: set[str] = set()  # seq ids aborted while in flight
         self._copies: list[tuple[int, int, int]] = []  # (member, src block, dst block) for the next step
 
@@ -146,12 +149,18 @@ class Instance:
     def can_plan(self) -> bool:
         return len(self.flights) < self.max_in_flight and self.scheduler.has_unfinished
 
+    def commits(self, done: StageDone) -> bool:
+        """Whether `done` is the StageDone that commits one of this instance's steps."""
+        flight = self.flights.get(done.step_id)
+        return flight is not None and flight.last_rank == done.rank
+
     def plan(self) -> list[StageWork] | None:
         """Schedule the next microbatch; one StageWork per member, or None if nothing can run."""
         K = self.num_stages
         budget = max(self.config.max_num_batched_tokens // K, 1)
-        active = sum(1 for s in self.scheduler.running if not s.in_flight) + len(self.scheduler.waiting)
-        sched = self.scheduler.schedule(budget=budget, max_seqs=max(math.ceil(active / K), 1) if K > 1 else None)
+        # Each microbatch takes an even share of the running sequences (in flight or not).
+        share = max(math.ceil(len(self.scheduler.running) / K), 1) if K > 1 else None
+        sched = self.scheduler.schedule(budget=budget, max_running=share)
         now = time.time()
         for seq in sched.preempted:
             kind = "swap_out" if seq.status is SeqStatus.SWAPPED else "preemption"
@@ -181,7 +190,7 @@ class Instance:
                 samples=rows if i == K - 1 else [], copies=PageMoves(src.tolist(), dst.tolist()),
                 swap_out=swap_out, swap_in=swap_in))
         prefill = sum(n for _, n in sched.scheduled if n > 1)
-        self.flights[step_id] = _Flight(sched, sampled, time.perf_counter(), prefill,
+        self.flights[step_id] = _Flight(sched, sampled, self.members[-1].rank, time.perf_counter(), prefill,
                                         sched.num_batched_tokens - prefill)
         return works
 
@@ -242,6 +251,37 @@ class Instance:
         return {"num_swaps_out_total": getattr(p, "num_out", 0), "num_swaps_in_total": getattr(p, "num_in", 0),
                 "swap_out_bytes_total": getattr(p, "pages_out", 0) * page_bytes,
                 "swap_in_bytes_total": getattr(p, "pages_in", 0) * page_bytes}
+
+    # ------------------------------------------------------------------ merging and splitting
+
+    def placed(self, seq: Sequence) -> bool:
+        """Whether every member holds the sequence's KV for the layers it runs (or the sequence
+        holds no KV yet): it can run in this pipeline without help."""
+        if seq.seq_id not in self.kv.tables:
+            return True
+        return all(seq.seq_id in m.kv.tables and m.kv.covers(seq.seq_id, m.layers) for m in self.members)
+
+    def absorb(self, parts: list["Instance"]) -> None:
+        """Take over the sequences, the steps in flight and the pending records of instances
+        merging into this one (their KV stays on their devices, which are members here).
+        Queues keep FCFS (or priority) order across the parts."""
+        sched = self.scheduler
+        for p in parts:
+            sched.running += p.scheduler.running
+            sched.waiting += p.scheduler.waiting
+            sched.swapped += p.scheduler.swapped
+            sched.num_preemptions += p.scheduler.num_preemptions
+            self.flights.update(p.flights)  # they commit here, on the rank they were sent to
+            self._aborting |= p._aborting
+            ranks = {i: m.rank for i, m in enumerate(p.members)}
+            mine = {m.rank: i for i, m in enumerate(self.members)}
+            self._copies += [(mine[ranks[i]], s, d) for i, s, d in p._copies]
+            self.events += p.events
+            self.timings += p.timings
+        sched.running.sort(key=lambda s: (s.arrival_time, s.order))
+        sched.waiting.sort(key=Sequence.priority_key if sched.priority_order else lambda s: (s.arrival_time, s.order))
+        for seq in sched.running + sched.waiting + sched.swapped:  # one order in this scheduler
+            seq.order = next(sched._order)
 
     def take_events(self) -> list[ClusterEvent]:
         out, self.events = self.events, []

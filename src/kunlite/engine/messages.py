@@ -126,6 +126,12 @@ class EngineStats(msgspec.Struct, frozen=True):
     migration_pause_seconds_total: float = 0.0
     num_migrations_aborted_total: int = 0
     num_worker_deaths_total: int = 0
+    # the parameter-centric policy, cumulative
+    num_drops_total: int = 0
+    num_restores_total: int = 0
+    exchanged_bytes_total: int = 0
+    remote_attention_calls_total: int = 0
+    state_seconds_total: dict[str, float] = {}  # instance-seconds spent in each state
 
     @property
     def kv_usage(self) -> float:

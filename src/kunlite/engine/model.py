@@ -50,6 +50,11 @@ def param_groups(cfg: ModelConfig, layers: tuple[int, int]) -> ParamShapes:
     return groups
 
 
+def needed_groups(cfg: ModelConfig, layers: tuple[int, int]) -> list[str]:
+    """The parameter groups a device running `layers` reads (param_groups' names)."""
+    return list(param_groups(cfg, layers))
+
+
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:  # (d/2,) float64
     d = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
@@ -219,32 +224,48 @@ class DecoderLayer:
 
 
 class CausalLM:
-    """The layers [l0, l1) of one model, bound to one device pool."""
+    """The layers [l0, l1) of one model, bound to one device pool.
+
+    It runs its *active* range, [l0, l1) unless `set_active` narrowed it: after a drop, a
+    device of a pipeline group runs only its share of the layers it holds the pages for. The
+    first and last roles (embedding, final norm and LM head) follow the active range.
+    """
 
     def __init__(self, cfg: ModelConfig, layers: tuple[int, int], backend: AttentionBackend,
                  pool: DevicePool, rope: Rope, *, upcast_min_rows: int = 4) -> None:
         self.cfg = cfg
         self.l0, self.l1 = layers
-        self.first = self.l0 == 0
-        self.last = self.l1 == cfg.num_layers
         self.rope = rope
         # The scratch holds the largest layer matrix, or a 4096-row chunk of the LM head.
         largest = max(s.numel for g, layout in pool.layouts.items() if g.startswith("layer.") for s in layout.slots)
         largest = max([largest, 4096 * cfg.hidden_size])
         self.linear = Linear(largest, pool.storage.device, pool.storage.dtype, upcast_min_rows)
-        self.layers = [DecoderLayer(cfg, i - self.l0, backend, rope, self.linear) for i in range(self.l0, self.l1)]
+        self.all_layers = [DecoderLayer(cfg, i - self.l0, backend, rope, self.linear) for i in range(self.l0, self.l1)]
         self.pool = pool
-        self.groups = list(pool.layouts)  # every group a forward (and, tied, the LM head) reads
+        self.set_active((self.l0, self.l1))
         self.bind()
+
+    def set_active(self, layers: tuple[int, int]) -> None:
+        """Run only `layers` (inside [l0, l1)) from now on."""
+        lo, hi = layers
+        if not self.l0 <= lo < hi <= self.l1:
+            raise ValueError(f"active layers {layers} are not inside [{self.l0}, {self.l1})")
+        self.active = (lo, hi)
+        self.first = lo == 0
+        self.last = hi == self.cfg.num_layers
+        self.layers = self.all_layers[lo - self.l0 : hi - self.l0]
+        for i, layer in enumerate(self.layers):
+            layer.local_index = i  # rows of the step's page tables cover the active layers
+        self.groups = needed_groups(self.cfg, self.active)  # every group a forward (and the LM head) reads
 
     def bind(self) -> None:
         """(Re)take the parameter views from the pool; called after a restore."""
         pool = self.pool
         if "embed" in pool.layouts:
             self.embed = pool.view("embed", "embed_tokens.weight")  # (V, h)
-        for i, layer in zip(range(self.l0, self.l1), self.layers):
+        for i, layer in zip(range(self.l0, self.l1), self.all_layers):
             layer.bind(pool, layer_group(i), self.cfg.attention_bias)
-        if self.last:
+        if "head" in pool.layouts:
             self.norm = pool.view("head", "norm.weight")  # (h,)
             self.lm_head = self.embed if self.cfg.tie_word_embeddings else pool.view("head", "lm_head.weight")  # (V, h)
 

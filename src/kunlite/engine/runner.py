@@ -85,9 +85,10 @@ class ModelRunner:
         seq_lens = [s.num_computed + len(s.tokens) for s in work.seqs]
         B = len(work.seqs)
         page_tables = work.pages()  # (L, B, max_blocks)
-        if page_tables.shape[0] != self.num_local_layers:
+        lo, hi = self.model.active
+        if page_tables.shape[0] != hi - lo:
             raise ValueError(f"the step's page table covers {page_tables.shape[0]} layers; this device runs "
-                             f"{self.num_local_layers}")
+                             f"{hi - lo}")
         pos = np.concatenate([np.arange(s.num_computed, s.num_computed + len(s.tokens)) for s in work.seqs])  # (T,)
         seq_of_token = np.repeat(np.arange(B), query_lens)  # (T,)
         slots = page_tables[:, seq_of_token, pos // ps].astype(np.int64) * ps + pos % ps  # (L, T)
@@ -136,6 +137,29 @@ class ModelRunner:
         self.pool.kv_cache[torch.tensor(pages, dtype=torch.long, device=self.device)] = data
 
     # ------------------------------------------------------------------ drop / restore
+
+    def run_only(self, layers: tuple[int, int], drop: list[str]) -> None:
+        """Become a pipeline member running `layers`: the parameter groups in `drop` (those the
+        new role does not read) give their pages to the KV side, without a copy. The caller's
+        KV accounting takes the same pages (`DevicePool.group_pages`)."""
+        needed = set(param_groups(self.config.model, layers))
+        if needed & set(drop):
+            raise ValueError(f"cannot drop {sorted(needed & set(drop))}: layers {layers} read them")
+        for g in drop:
+            self.pool.drop(g)
+        self.model.set_active(layers)
+
+    @torch.inference_mode()
+    def take_back(self, groups: list[str], moves: list[tuple[int, int]]) -> None:
+        """Take these dropped groups' pages back: the KV living there moves first (`moves`,
+        (src, dst) page copies the KV accounting decided by `reclaim`). The caller then fills
+        them with weights (from a peer, or the checkpoint); the device runs what it ran until
+        told otherwise."""
+        if moves:
+            src, dst = zip(*moves)
+            self.copy_pages(np.asarray(src), np.asarray(dst))
+        for g in groups:
+            self.pool.restore(g)
 
     def drop_layers(self, layers: range, kv: BlockManager) -> int:
         """Free the parameter pages of these layers into the KV side. Returns the pages freed.

@@ -9,8 +9,8 @@ sequence, the lowest-priority, latest running sequence is preempted through the 
 
 A pipeline keeps several steps (microbatches) in flight: `schedule` then skips the sequences
 that are in flight (`Sequence.in_flight`, set by the caller until the step is committed), never
-preempts one (its KV is being written), and takes the microbatch's own token budget and
-sequence cap.
+preempts one (its KV is being written), and takes the microbatch's own token budget and cap on
+running sequences (admission is bounded by the budget and --max-num-seqs alone).
 
 The scheduler never touches tensors: it moves Sequence objects between queues and asks the
 BlockManager, which is plain accounting too.
@@ -26,7 +26,7 @@ import msgspec
 
 from kunlite.config import SchedulerConfig
 from kunlite.engine.block_manager import BlockManager
-from kunlite.engine.preemption import PreemptionPolicy, select_victim
+from kunlite.engine.preemption import PreemptionPolicy, RecomputePolicy, select_victim
 from kunlite.engine.sequence import Sequence, SeqStatus
 from kunlite.sampling_params import SamplingParams
 
@@ -105,6 +105,12 @@ class Scheduler:
         self.running.remove(seq)
         self.kv.free(seq.seq_id)
 
+    def requeue(self, seq: Sequence) -> None:
+        """Recompute a running sequence later: its KV is freed and it waits at the front."""
+        self.running.remove(seq)
+        RecomputePolicy().preempt(seq, self.kv)
+        self._enqueue(seq, front=True)
+
     def attach(self, seq: Sequence) -> None:
         """A running sequence arrives with its KV already in place (the end of a migration)."""
         seq.order = next(self._order)
@@ -113,12 +119,13 @@ class Scheduler:
 
     # ------------------------------------------------------------------ one step
 
-    def schedule(self, budget: int | None = None, max_seqs: int | None = None) -> SchedulerOutput:
-        """One step: `budget` tokens (default: the configured budget) over at most `max_seqs`
-        sequences (default: no cap beyond --max-num-seqs)."""
+    def schedule(self, budget: int | None = None, max_running: int | None = None) -> SchedulerOutput:
+        """One step: `budget` tokens (default: the configured budget), of which at most
+        `max_running` go to running sequences (a pipeline splits its decodes over microbatches);
+        the rest of the budget admits waiting ones."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens if budget is None else budget
-        seats = max_seqs if max_seqs is not None else self.config.max_num_seqs
+        seats = max_running if max_running is not None else self.config.max_num_seqs
         chunked = self.config.enable_chunked_prefill
 
         # 1. Running sequences, oldest first.
@@ -137,7 +144,7 @@ class Scheduler:
 
         # 2. Swapped-out sequences come back (into fresh blocks, their KV copied in) before any
         #    new sequence is admitted; none in a step that preempted.
-        while self.swapped and not out.preempted and budget > 0 and len(out.scheduled) < seats:
+        while self.swapped and not out.preempted and budget > 0:
             seq = self.swapped[0]
             n = min(seq.num_uncomputed, budget) if chunked else seq.num_uncomputed
             if n > budget or not self.policy.can_resume(seq, self.kv, seq.num_computed_tokens + n):
@@ -152,8 +159,7 @@ class Scheduler:
 
         # 3. Waiting sequences, in queue order; none are admitted in a step that preempted, nor
         #    while a swapped-out one waits to come back.
-        while (self.waiting and not self.swapped and not out.preempted and budget > 0
-               and len(out.scheduled) < seats):
+        while self.waiting and not self.swapped and not out.preempted and budget > 0:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             seq = self.waiting[0]

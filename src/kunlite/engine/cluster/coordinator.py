@@ -18,6 +18,7 @@ the caller's wake-up descriptor.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import replace
@@ -34,10 +35,12 @@ from kunlite.engine.cluster.dispatch import InstanceLoad, blocks_for, choose_ins
 from kunlite.engine.cluster.launch import WorkerState
 from kunlite.engine.cluster.messages import (Assign, FromWorker, Heartbeat, Hello, Ping, Ready, Reform, Reformed,
                                              Shutdown, StepFailed, TransferDone, TransferFailed, WorkerFailed)
+from kunlite.engine.cluster.elastic import Elastic
 from kunlite.engine.cluster.migrate import Migrator
 from kunlite.engine.instance import Instance, Member, eos_token_ids
 from kunlite.engine.messages import (ClusterEvent, DeviceStats, EngineRequest, EngineStats, InstanceStats,
                                      RequestOutput, StepTiming)
+from kunlite.engine.plan import TriggerConfig
 from kunlite.engine.preemption import make_policy
 from kunlite.engine.work import StageDone
 from kunlite.transfer.control import ControlError, ControlServer
@@ -46,6 +49,7 @@ from kunlite.transfer.world import STORE_KEY_CONTROL, Rendezvous, host_store
 log = logging.getLogger("kunlite.cluster")
 
 PING_S = 1.0  # the coordinator's keep-alive to idle workers
+SERVING = ("serving", "pipeline", "exchanging")  # states in which an instance steps and takes requests
 
 
 class Cluster:
@@ -76,12 +80,19 @@ class Cluster:
         self.store.set(STORE_KEY_CONTROL, self.control.address.replace("0.0.0.0", _advertised(addr)))
         self.workers = {r: WorkerState(rank=r, local=r < local) for r in range(N)}
         self.generation = -1
-        self.instances: list[Instance] = []
+        self.instances: dict[int, Instance] = {}
+        self.step_ids = itertools.count()  # shared: a merged group commits its parts' steps
         self.states: dict[int, str] = {}
         self.counters: dict[str, float] = {"num_worker_deaths_total": 0}
         self.moved: list[tuple[str, int]] = []
         self.events: list[ClusterEvent] = []
-        self.migrator = Migrator(self._send, self.config.cache.page_size) if cfg.overload_policy == "migrate" else None
+        self.kv_of: dict[int, BlockManager] = {}  # each device's KV accounting, whatever instance it serves
+        self.replica_kv_tokens: dict[int, int] = {}  # KV tokens each device holds as a replica
+        self.retired: dict[str, float] = {}  # cumulative counters of instances merged or split away
+        self._transfer_ids = itertools.count()
+        self.migrator = (Migrator(self.send, self.config.cache.page_size, self.new_transfer_id)
+                         if cfg.overload_policy == "migrate" else None)
+        self.elastic: Elastic | None = None
         self.quiescing = False  # no new steps: the world is about to be re-formed
         self._reforming: int | None = None  # the generation being formed
         self._reform_deadline = 0.0
@@ -94,7 +105,9 @@ class Cluster:
         except BaseException:
             self.shutdown()
             raise
-        self.kv_capacity_tokens = sum(i.kv.num_total_blocks for i in self.instances) * self.config.cache.page_size
+        if cfg.overload_policy == "kunserve":
+            self.elastic = Elastic(self, cfg.exchange, TriggerConfig(cfg.drop_usage, cfg.calm_fraction, cfg.calm_window))
+        self.kv_capacity_tokens = sum(i.kv.num_total_blocks for i in self.instances.values()) * self.config.cache.page_size
         log.info("cluster ready: %d devices, %d instance(s) of %d stage(s) %s; KV capacity %d tokens",
                  N, len(self.instances), K, self.stage_layers, self.kv_capacity_tokens)
 
@@ -140,33 +153,53 @@ class Cluster:
                     raise ConfigError(f"worker {w.rank} failed to start: {w.why}")
         self._form_first_generation()
         K = self.options.pipeline_parallel
-        self.instances = [self._new_instance(g, list(range(g * K, g * K + K))) for g in range(len(self.workers) // K)]
-        self.states = {i.id: "serving" for i in self.instances}
+        self.instances = {g: self._new_instance(g, list(range(g * K, g * K + K))) for g in range(len(self.workers) // K)}
+        self.states = {i: "serving" for i in self.instances}
+
+    def fresh_kv(self, rank: int, layers: tuple[int, int]) -> BlockManager:
+        """KV accounting of a device with every parameter it was assigned resident."""
+        ready = self.workers[rank].ready
+        assert ready is not None  # invariant: accounting exists for loaded workers only
+        return BlockManager(page_size=self.config.cache.page_size, layers=layers,
+                            num_layers=self.config.model.num_layers, pages=ready.kv_pages,
+                            enable_prefix_caching=self.config.cache.enable_prefix_caching)
+
+    def make_instance(self, iid: int, members: list[Member]) -> Instance:
+        slots = [self._assignment(m.rank).swap_slots for m in members]
+        return Instance(iid, members, self.config.scheduler, make_policy(self.config.scheduler.preemption_mode, slots),
+                        self.eos, self.max_model_len, priority_order=self.priority_order, step_ids=self.step_ids)
 
     def _new_instance(self, iid: int, ranks: list[int]) -> Instance:
         members = []
         for r in ranks:
-            ready = self.workers[r].ready
-            assert ready is not None  # invariant: instances are built from loaded workers only
             layers = self.stage_layers[r % len(ranks)]
-            kv = BlockManager(page_size=self.config.cache.page_size, layers=layers,
-                              num_layers=self.config.model.num_layers, pages=ready.kv_pages,
-                              enable_prefix_caching=self.config.cache.enable_prefix_caching)
-            members.append(Member(r, layers, kv))
-        slots = [self._assignment(r).swap_slots for r in ranks]
-        inst = Instance(iid, members, self.config.scheduler, make_policy(self.config.scheduler.preemption_mode, slots),
-                        self.eos, self.max_model_len, priority_order=self.priority_order)
+            self.kv_of[r] = self.fresh_kv(r, layers)
+            members.append(Member(r, layers, self.kv_of[r]))
+            if len(ranks) == 1:
+                self.replica_kv_tokens[r] = self.kv_of[r].num_total_blocks * self.config.cache.page_size
+        inst = self.make_instance(iid, members)
         if inst.kv.num_total_blocks * self.config.cache.page_size < self.max_model_len:
             raise ConfigError(f"instance {iid} holds {inst.kv.num_total_blocks * self.config.cache.page_size} KV "
                               f"tokens, fewer than --max-model-len {self.max_model_len}; raise --device-memory or "
                               "lower --max-model-len")
         return inst
 
+    def retire(self, inst: Instance) -> None:
+        """An instance is replaced (merged, split): keep its cumulative counters."""
+        counts = {"num_preemptions_total": inst.scheduler.num_preemptions,
+                  **inst.swap_counters(self._page_bytes())}
+        for k, v in counts.items():
+            self.retired[k] = self.retired.get(k, 0) + v
+        inst.scheduler.num_preemptions = 0
+
+    def new_transfer_id(self) -> int:
+        return next(self._transfer_ids)
+
     def _form_first_generation(self) -> None:
         """At bring-up: every worker joins generation 0 of the world (blocking)."""
         gen = self.generation + 1
         for w in self.workers.values():
-            self._send(w.rank, Reform(gen))
+            self.send(w.rank, Reform(gen))
         deadline = time.monotonic() + self.options.join_timeout
         while any(w.generation != gen for w in self.workers.values() if w.state == "ready"):
             if time.monotonic() > deadline:
@@ -183,7 +216,7 @@ class Cluster:
         """Queue a request on its instance (or the one the dispatcher picks). Returns an error
         output at once when no instance serves."""
         iid = req.instance
-        if iid is None or self.states.get(iid) != "serving":
+        if iid is None or self.states.get(iid) not in SERVING:
             iid = choose_instance(self.loads())
             if iid is None:
                 return [RequestOutput(req.request_id, i, [], None, "error", len(req.prompt_token_ids), 0)
@@ -194,20 +227,20 @@ class Cluster:
         return []
 
     def abort(self, request_ids: list[str], choices: list[tuple[str, int]] = ()) -> list[RequestOutput]:
-        return [o for inst in self.instances for o in inst.abort(request_ids, choices)]
+        return [o for inst in self.instances.values() for o in inst.abort(request_ids, choices)]
 
     @property
     def has_unfinished(self) -> bool:
-        return any(i.has_unfinished for i in self.instances)
+        return any(i.has_unfinished for i in self.instances.values())
 
     def running_request_ids(self) -> set[str]:
-        return {s.request_id for i in self.instances for s in i.scheduler.running}
+        return {s.request_id for i in self.instances.values() for s in i.scheduler.running}
 
     def loads(self) -> list[InstanceLoad]:
         ps = self.config.cache.page_size
-        return [InstanceLoad(i.id, self.states[i.id] == "serving", i.kv.num_total_blocks, i.kv.num_used_blocks,
+        return [InstanceLoad(i.id, self.states[i.id] in SERVING, i.kv.num_total_blocks, i.kv.num_used_blocks,
                              sum(blocks_for(s.num_tokens, ps, s.pending_children + 1) for s in i.scheduler.waiting),
-                             len(i.scheduler.running), len(i.scheduler.waiting)) for i in self.instances]
+                             len(i.scheduler.running), len(i.scheduler.waiting)) for i in self.instances.values()]
 
     # ------------------------------------------------------------------ the loop
 
@@ -224,22 +257,25 @@ class Cluster:
                 self.migrator.trigger(self.instances, self.loads())
             self.moved += self.migrator.moved
             self.migrator.moved = []
+        if self.elastic is not None and not self.quiescing:
+            self.elastic.tick()
         self._plan_all(outputs)
         return outputs
 
     def _plan_all(self, outputs: list[RequestOutput]) -> None:
         if self.quiescing:
             return
-        for inst in self.instances:
-            while self.states[inst.id] == "serving" and inst.can_plan():
+        for inst in list(self.instances.values()):
+            while self.states[inst.id] in SERVING and inst.can_plan():
                 works = inst.plan()
                 if works is None:
                     break
                 for work in works:
-                    if not self._send(inst.members[work.stage].rank, work):
+                    if not self.send(inst.members[work.stage].rank, work):
                         break
 
-    def _send(self, rank: int, msg: Any) -> bool:
+    def send(self, rank: int, msg: Any) -> bool:
+        """Send a control message; False (and the worker is dead) if it cannot be reached."""
         w = self.workers[rank]
         if w.state in ("dead", "starting"):  # a starting worker has not connected yet
             return False
@@ -271,8 +307,8 @@ class Cluster:
         if isinstance(msg, Heartbeat):
             return
         if isinstance(msg, StageDone):
-            inst = self.instances[msg.instance] if msg.instance < len(self.instances) else None
-            if inst is not None and msg.step_id in inst.flights and msg.rank == inst.members[-1].rank:
+            inst = next((i for i in self.instances.values() if i.commits(msg)), None)
+            if inst is not None:
                 outputs.extend(inst.commit(msg))
         elif isinstance(msg, Hello):
             if w.state == "ready":
@@ -280,7 +316,7 @@ class Cluster:
             if w.local and msg.pid != w.pid:
                 return  # a stale process of this rank, about to be killed
             w.pid, w.host, w.state = msg.pid, msg.host, "loading"
-            self._send(w.rank, self._assignment(w.rank))
+            self.send(w.rank, self._assignment(w.rank))
         elif isinstance(msg, Ready):
             w.ready, w.state = msg, "ready"
         elif isinstance(msg, Reformed):
@@ -288,11 +324,13 @@ class Cluster:
         elif isinstance(msg, WorkerFailed):
             self._death(w, msg.message, outputs)
         elif isinstance(msg, (TransferDone, TransferFailed)):
+            if self.elastic is not None and self.elastic.on_transfer(msg):
+                return
             if self.migrator is not None:
                 self.migrator.on_transfer(msg)
         elif isinstance(msg, StepFailed):
-            inst = self.instances[msg.instance]
-            if msg.step_id in inst.flights:
+            inst = next((i for i in self.instances.values() if msg.step_id in i.flights), None)
+            if inst is not None:
                 log.warning("instance %d: step failed on worker %d: %s", inst.id, msg.rank, msg.message)
                 self._fail_instance(inst, outputs)
 
@@ -309,7 +347,7 @@ class Cluster:
             elif now - w.last_seen > silence:
                 self._death(w, f"no heartbeat for {now - w.last_seen:.1f} s", outputs)
             elif now - w.last_sent > PING_S:
-                self._send(w.rank, Ping())
+                self.send(w.rank, Ping())
         if any(s != "serving" for s in self.states.values()):
             self._recover()
 
@@ -325,7 +363,7 @@ class Cluster:
         self.counters["num_worker_deaths_total"] += 1
         if self.migrator is not None:
             self.migrator.on_death(w.rank)
-        for inst in self.instances:
+        for inst in list(self.instances.values()):
             if any(m.rank == w.rank for m in inst.members):
                 self.events.append(ClusterEvent(time.time(), "worker_death", inst.id, f"worker {w.rank}: {why}"))
                 self._fail_instance(inst, outputs)
@@ -335,6 +373,8 @@ class Cluster:
             self._spawn(w)
 
     def _fail_instance(self, inst: Instance, outputs: list[RequestOutput]) -> None:
+        if self.elastic is not None:
+            self.elastic.on_instance_failed(inst.id)
         failed = inst.fail("error")
         if failed:
             log.error("instance %d: %d request(s) ended with an error", inst.id, len(failed))
@@ -345,7 +385,7 @@ class Cluster:
         """Once every worker is loaded again: stop planning, let the steps in flight finish,
         re-form the world (every worker joins the next generation), and let the instances that
         were down serve again. The serving instances pause for about one step."""
-        down = [i for i in self.instances if self.states[i.id] != "serving"]
+        down = [i for i in self.instances.values() if self.states[i.id] != "serving"]
         if any(w.state != "ready" for w in self.workers.values()):
             self.quiescing, self._reforming = False, None
             for inst in down:
@@ -358,12 +398,12 @@ class Cluster:
                 self.migrator.abort_all("the world is being re-formed")
                 if not self.migrator.idle:
                     return
-            if any(i.flights for i in self.instances):
+            if any(i.flights for i in self.instances.values()):
                 return
             self._reforming = self.generation + 1
             self._reform_deadline = time.monotonic() + self.options.join_timeout
             for w in self.workers.values():
-                self._send(w.rank, Reform(self._reforming))
+                self.send(w.rank, Reform(self._reforming))
             return
         if any(w.generation != self._reforming for w in self.workers.values()):
             if time.monotonic() > self._reform_deadline:
@@ -374,24 +414,41 @@ class Cluster:
         self.generation, self._reforming, self.quiescing = self._reforming, None, False
         log.info("world generation %d formed by %d workers", self.generation, len(self.workers))
         for inst in down:
-            self.instances[inst.id] = self._new_instance(inst.id, [m.rank for m in inst.members])
-            self.states[inst.id] = "serving"
-            self.events.append(ClusterEvent(time.time(), "instance_restored", inst.id))
-            log.info("instance %d serves again", inst.id)
+            self.retire(inst)
+            replicas = self.elastic.recover(inst.id) if self.elastic is not None else None
+            if replicas is None:
+                replicas = [self._new_instance(inst.id, [m.rank for m in inst.members])]
+            del self.instances[inst.id]
+            del self.states[inst.id]
+            for fresh in replicas:
+                self.instances[fresh.id] = fresh
+                self.states[fresh.id] = "serving"
+                self.events.append(ClusterEvent(time.time(), "instance_restored", fresh.id))
+                log.info("instance %d serves again", fresh.id)
 
     # ------------------------------------------------------------------ reporting
 
     def stats(self) -> EngineStats:
-        insts = [self._instance_stats(i) for i in self.instances]
+        insts = [self._instance_stats(i) for i in self.instances.values()]
         return EngineStats(
             num_running=sum(s.running for s in insts), num_waiting=sum(s.waiting for s in insts),
             kv_pages_used=sum(d.kv_used_bytes for s in insts for d in s.devices) // max(self._page_bytes(), 1),
             kv_pages_total=sum(d.kv_total_bytes for s in insts for d in s.devices) // max(self._page_bytes(), 1),
-            num_preemptions_total=sum(i.scheduler.num_preemptions for i in self.instances),
+            num_preemptions_total=sum(i.scheduler.num_preemptions for i in self.instances.values())
+            + int(self.retired.get("num_preemptions_total", 0)),
             param_pages=sum(w.ready.param_pages for w in self.workers.values() if w.ready),
             page_size=self.config.cache.page_size, instances=insts,
             num_worker_deaths_total=int(self.counters["num_worker_deaths_total"]), **self._swap_counters(),
-            **self._migration_counters())
+            **self._migration_counters(), **self._elastic_counters())
+
+    def _elastic_counters(self) -> dict[str, Any]:
+        e = self.elastic
+        if e is None:
+            return {}
+        return {"num_drops_total": e.counters["drops"], "num_restores_total": e.counters["restores"],
+                "exchanged_bytes_total": e.counters["exchanged_bytes"],
+                "remote_attention_calls_total": e.counters["remote_attention_calls"],
+                "state_seconds_total": e.state_seconds()}
 
     def _migration_counters(self) -> dict[str, Any]:
         m = self.migrator
@@ -401,8 +458,8 @@ class Cluster:
                 "migration_pause_seconds_total": m.pause_seconds, "num_migrations_aborted_total": m.num_aborted}
 
     def _swap_counters(self) -> dict[str, int]:
-        total: dict[str, int] = {}
-        for inst in self.instances:
+        total: dict[str, int] = {k: int(v) for k, v in self.retired.items() if k != "num_preemptions_total"}
+        for inst in self.instances.values():
             for k, v in inst.swap_counters(self._page_bytes()).items():
                 total[k] = total.get(k, 0) + v
         return total
@@ -418,16 +475,16 @@ class Cluster:
             devices.append(DeviceStats(m.rank, w.pid, w.host, w.ready.device if w.ready else self.options.device,
                                        m.layers, w.state == "ready", w.ready.param_bytes if w.ready else 0,
                                        m.kv.num_used_pages * pb, m.kv.num_kv_pages * pb))
-        load = self.loads()[inst.id]
+        load = next(x for x in self.loads() if x.id == inst.id)
         return InstanceStats(inst.id, self.states[inst.id], load.running, load.waiting, load.used_blocks,
                              load.total_blocks, load.waiting_blocks, self.config.cache.page_size, devices)
 
     def take_timings(self) -> list[StepTiming]:
-        return [msgspec.structs.replace(t, instance=i.id) for i in self.instances for t in i.take_timings()]
+        return [msgspec.structs.replace(t, instance=i.id) for i in self.instances.values() for t in i.take_timings()]
 
     def take_events(self) -> list[ClusterEvent]:
         out, self.events = self.events, []
-        for inst in self.instances:
+        for inst in self.instances.values():
             out += inst.take_events()
         if self.migrator is not None:
             out += self.migrator.take_events()

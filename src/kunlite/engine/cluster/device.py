@@ -26,9 +26,12 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from kunlite.engine.cluster.messages import (Assign, Heartbeat, Hello, Ping, Ready, RecvPages, Reform, Reformed,
-                                             SendPages, Shutdown, StepFailed, ToWorker, TransferDone,
-                                             TransferFailed, WorkerFailed)
+import numpy as np
+
+from kunlite.engine.cluster.messages import (Assign, CopyPages, DropLayers, Heartbeat, Hello, OpDone, Ping, Ready, RecvPages,
+                                             Reform, Reformed, RestoreLayers, RunLayers, SendPages, SendParams,
+                                             Shutdown, StepFailed, ToWorker, TransferDone, TransferFailed,
+                                             WorkerFailed)
 from kunlite.engine.work import StageWork
 from kunlite.transfer.control import ControlClient
 from kunlite.transfer.world import STORE_KEY_CONTROL, Rendezvous, connect_store
@@ -130,8 +133,14 @@ class DeviceWorker:
                 self._step(msg)
             elif isinstance(msg, (SendPages, RecvPages)):
                 self._start_transfer(msg)
+                if isinstance(msg, RecvPages) and msg.blocking:
+                    self._finish(msg.transfer_id)
+            elif isinstance(msg, CopyPages):
+                self.runner.copy_pages(np.asarray(msg.src, dtype=np.int64), np.asarray(msg.dst, dtype=np.int64))
             elif isinstance(msg, Reform):
                 self._reform(msg.generation)
+            elif isinstance(msg, (DropLayers, RestoreLayers, SendParams, RunLayers)):
+                self._elastic(msg)
             elif isinstance(msg, Shutdown):
                 return
             elif not isinstance(msg, Ping):
@@ -171,6 +180,18 @@ class DeviceWorker:
         except p2p.TransferError as e:
             self.control.send(TransferFailed(msg.transfer_id, self.rank, str(e)))
 
+    def _finish(self, transfer_id: int) -> None:
+        """Wait for one transfer to land (its pages are read by what comes next)."""
+        from kunlite.transfer import p2p
+
+        for t in self.transfers:
+            if t.id == transfer_id:
+                try:
+                    t.pending.wait()
+                except p2p.TransferError:
+                    pass  # _progress reports it
+        self._progress()
+
     def _progress(self) -> None:
         """Finish what the background transfers have completed (receives land in their pages)."""
         from kunlite.transfer import p2p
@@ -193,6 +214,26 @@ class DeviceWorker:
                 self.runner.copy_into_pages(t.pages, t.pending.buffer)
             self.control.send(TransferDone(t.id, self.rank, t.pending.buffer.numel() * t.pending.buffer.element_size(),
                                            time.perf_counter() - t.started))
+
+    def _elastic(self, msg: DropLayers | RestoreLayers | SendParams | RunLayers) -> None:
+        """Drop, restore, lend or run layers (the parameter-centric policy's device side)."""
+        from kunlite.transfer import params
+
+        start = time.perf_counter()
+        num_bytes = 0
+        if isinstance(msg, DropLayers):
+            self.runner.run_only(tuple(msg.layers), list(msg.drop))
+        elif isinstance(msg, RunLayers):
+            self.runner.model.set_active(tuple(msg.layers))
+        elif isinstance(msg, SendParams):
+            num_bytes = params.send_groups(self.runner.pool, list(msg.groups), msg.peer)
+        else:
+            self.runner.take_back(list(msg.groups), [tuple(m) for m in msg.moves])
+            if msg.source < 0:
+                self.runner.loader.load(self.runner.pool, list(msg.groups))
+            else:
+                num_bytes = params.recv_groups(self.runner.pool, list(msg.groups), msg.source)
+        self.control.send(OpDone(self.rank, type(msg).__name__, time.perf_counter() - start, num_bytes))
 
     def _reform(self, generation: int) -> None:
         for p in self.outgoing:  # nothing may be in flight across a re-formation

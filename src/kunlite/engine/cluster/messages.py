@@ -44,11 +44,50 @@ class SendPages(msgspec.Struct, frozen=True, tag=True):
 
 
 class RecvPages(msgspec.Struct, frozen=True, tag=True):
-    """Receive len(pages) pages from `peer` into these pool pages (in this order)."""
+    """Receive len(pages) pages from `peer` into these pool pages (in this order). `blocking`:
+    the worker does nothing else until they are written (the next step reads them)."""
 
     transfer_id: int
     peer: int
     pages: list[int]
+    blocking: bool = False
+
+
+class CopyPages(msgspec.Struct, frozen=True, tag=True):
+    """Copy pool pages within the device, src[i] -> dst[i] (no dst is a src)."""
+
+    src: list[int]
+    dst: list[int]
+
+
+class DropLayers(msgspec.Struct, frozen=True, tag=True):
+    """Run `layers` from now on; the groups in `drop` give their pages to the KV side."""
+
+    layers: tuple[int, int]
+    drop: list[str]
+
+
+class RestoreLayers(msgspec.Struct, frozen=True, tag=True):
+    """Take `groups` back: copy the KV living on their pages elsewhere (`moves`: (src, dst)
+    pages), then fill them from `source` (a peer's rank that sends them with SendParams, or -1
+    for the checkpoint on this node). The device keeps running what it ran."""
+
+    groups: list[str]
+    moves: list[tuple[int, int]]
+    source: int
+
+
+class SendParams(msgspec.Struct, frozen=True, tag=True):
+    """Send these resident groups' pages to `peer` (same layout: same model, same range)."""
+
+    groups: list[str]
+    peer: int
+
+
+class RunLayers(msgspec.Struct, frozen=True, tag=True):
+    """Run `layers` from now on (every group they read is resident)."""
+
+    layers: tuple[int, int]
 
 
 class Ping(msgspec.Struct, frozen=True, tag=True):
@@ -59,7 +98,8 @@ class Shutdown(msgspec.Struct, frozen=True, tag=True):
     pass
 
 
-ToWorker = Assign | Reform | StageWork | SendPages | RecvPages | Ping | Shutdown
+ToWorker = (Assign | Reform | StageWork | SendPages | RecvPages | CopyPages | DropLayers | RestoreLayers | SendParams
+            | RunLayers | Ping | Shutdown)
 
 # ---------------------------------------------------------------- worker -> coordinator
 
@@ -119,5 +159,14 @@ class Heartbeat(msgspec.Struct, frozen=True, tag=True):
     rank: int
 
 
+class OpDone(msgspec.Struct, frozen=True, tag=True):
+    """A DropLayers, RestoreLayers, SendParams or RunLayers finished (kind: its class name)."""
+
+    rank: int
+    kind: str
+    seconds: float
+    num_bytes: int = 0
+
+
 FromWorker = (Hello | Ready | WorkerFailed | StageDone | StepFailed | TransferDone | TransferFailed | Reformed
-              | Heartbeat)
+              | Heartbeat | OpDone)

@@ -23,7 +23,6 @@ Only instances of the same shape (members with the same layer ranges) exchange r
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence as Seq
@@ -96,12 +95,12 @@ class Migration:
 
 
 class Migrator:
-    def __init__(self, send: Callable[[int, Any], bool], page_size: int) -> None:
+    def __init__(self, send: Callable[[int, Any], bool], page_size: int, new_id: Callable[[], int]) -> None:
         self.send = send
         self.page_size = page_size
         self.active: dict[int, Migration] = {}
         self._by_transfer: dict[int, tuple[Migration, int]] = {}  # transfer -> (migration, receiving rank)
-        self._ids = itertools.count()
+        self._new_id = new_id  # transfer ids are the cluster's, unique across its users
         self.moved: list[tuple[str, int]] = []
         self.num_done = 0
         self.num_aborted = 0
@@ -111,7 +110,7 @@ class Migrator:
 
     # ------------------------------------------------------------------ deciding
 
-    def trigger(self, instances: list[Instance], loads: list[InstanceLoad]) -> None:
+    def trigger(self, instances: dict[int, Instance], loads: list[InstanceLoad]) -> None:
         busy = {m.src.id for m in self.active.values()} | {m.dst.id for m in self.active.values()}
 
         def need(iid: int) -> int | None:
@@ -125,7 +124,7 @@ class Migrator:
         seq = candidate(src)
         if seq is None or [m.layers for m in src.members] != [m.layers for m in dst.members]:
             return
-        mig = Migration(next(self._ids), seq, src, dst, f"{seq.seq_id}@migrating")
+        mig = Migration(self._new_id(), seq, src, dst, f"{seq.seq_id}@migrating")
         self.active[mig.id] = mig
         log.info("migrating %s from instance %d to %d (%d tokens)", seq.seq_id, src.id, dst.id, seq.num_tokens)
         self._stage(mig)
@@ -173,7 +172,7 @@ class Migrator:
         for s, d in zip(mig.src.members, mig.dst.members):
             src_pages = [p for b in s.kv.tables[seq.seq_id][mig.copied:upto] for _, p in s.kv.pages_of(b)]
             dst_pages = [p for b in d.kv.tables[mig.reserve_id][mig.copied:upto] for _, p in d.kv.pages_of(b)]
-            tid = next(self._ids)
+            tid = self._new_id()
             mig.pending.add(tid)
             self._by_transfer[tid] = (mig, d.rank)
             if not (self.send(s.rank, SendPages(tid, d.rank, src_pages))

@@ -1,0 +1,392 @@
+"""KunServe's parameter-centric memory management, carried out by the coordinator.
+
+The life of a group (each transition decided by the pure trigger and planner of `engine/plan.py`):
+
+    replicas --throttled: plan--> merge: every member keeps its share of the layers and drops the
+      rest (DropLayers; the pages become KV in place, no copy); one pipeline instance takes over
+      the parts' queues and their steps in flight, and serves at once: new requests get blocks
+      over each member's new layers only, and the dispatcher sees the new capacity
+    --> exchanging: the requests that were running hold KV for every layer on their old device.
+      Under `stall` they pause until their KV for the layers another member now runs has moved
+      there (chunks of `chunk` requests, one chunk in flight, interleaved with pipeline steps;
+      the sender's pages are freed once the receiver has them); under `recompute` their KV is
+      freed at the merge and they are prefilled again in the pipeline
+    --> pipeline (every request placed) --calm--> restoring: the group stops stepping, every
+      member takes the pages of its dropped groups back (KV living there moves within the
+      device), pulls those weights from the member that holds them (P2P), each request's KV
+      moves to one member (its home), and the group splits back into the replicas it was made
+      of, each with the requests whose home it is
+A member's death ends the group's requests with an error; once the worker is back, the
+survivors reload what they dropped from the checkpoint and the replicas serve again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kunlite.engine.cluster.messages import (CopyPages, DropLayers, RecvPages, RestoreLayers, RunLayers, SendPages,
+                                             SendParams, TransferDone, TransferFailed)
+from kunlite.engine.instance import Instance, Member
+from kunlite.engine.messages import ClusterEvent
+from kunlite.engine.model import needed_groups
+from kunlite.engine.plan import CalmWatch, Group, KVLoad, Merge, ModelBytes, TriggerConfig, plan_merge, throttled
+from kunlite.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from kunlite.engine.cluster.coordinator import Cluster
+
+log = logging.getLogger("kunlite.cluster")
+
+EXCHANGE_MODES = ("stall", "remote-attention", "recompute")
+
+
+@dataclass
+class GroupRecord:
+    """A merged group: what it was made of, and the transitions in progress."""
+
+    merge: Merge
+    merged_at: float
+    watch: CalmWatch
+    pending: set[int] = field(default_factory=set)  # transfer ids of the exchange chunk in flight
+    chunk: list[Sequence] = field(default_factory=list)  # the requests of that chunk
+    exchanged_bytes: int = 0
+    restore_began: float = 0.0
+    survivors: set[int] = field(default_factory=set)  # members alive when the group failed
+
+
+class Elastic:
+    def __init__(self, cluster: "Cluster", mode: str, trigger: TriggerConfig, chunk: int = 8) -> None:
+        if mode not in EXCHANGE_MODES:
+            raise ValueError(f"--exchange must be one of {', '.join(EXCHANGE_MODES)}")
+        self.c = cluster
+        self.mode = mode
+        self.trigger = trigger
+        self.chunk = chunk
+        self.groups: dict[int, GroupRecord] = {}
+        cfg = cluster.config.model
+        self.model_bytes = self._model_bytes()
+        self.num_layers = cfg.num_layers
+        self.counters = {"drops": 0, "restores": 0, "exchanged_bytes": 0, "remote_attention_calls": 0}
+        self.timings: dict[str, list[float]] = {"drop_to_serving_s": [], "restore_s": [], "exchange_s": []}
+        self._transfers: dict[int, tuple[int, int]] = {}  # transfer id -> (group id, receiving rank)
+        self.seconds: dict[str, float] = {}  # instance-seconds per state
+        self._last_tick = time.monotonic()
+
+    def _model_bytes(self) -> ModelBytes:
+        ready = next(w.ready for w in self.c.workers.values() if w.ready)
+        pb = ready.page_bytes
+        size = {g: n * pb for g, (_, n) in ready.groups.items()}
+        return ModelBytes(tuple(size[f"layer.{i}"] for i in range(self.c.config.model.num_layers)),
+                          size.get("embed", 0), size.get("head", 0), self.c.config.model.tie_word_embeddings)
+
+    # ------------------------------------------------------------------ the loop's hook
+
+    def state_seconds(self) -> dict[str, float]:
+        return dict(self.seconds)
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        for state in self.c.states.values():
+            self.seconds[state] = self.seconds.get(state, 0.0) + now - self._last_tick
+        self._last_tick = now
+        for gid, rec in list(self.groups.items()):
+            inst = self.c.instances.get(gid)
+            state = self.c.states.get(gid)
+            if inst is not None and state == "restoring" and not inst.flights:
+                self._restore(gid, rec, inst)
+            if inst is None or state not in ("pipeline", "exchanging"):
+                continue
+            if self.mode != "recompute" and not rec.pending:
+                self._next_chunk(gid, rec, inst)
+            if self.c.states[gid] == "exchanging" and not rec.pending and all(inst.placed(s) for s in _seqs(inst)):
+                self.c.states[gid] = "pipeline"
+                self.timings["exchange_s"].append(now - rec.merged_at)
+            if self.c.states[gid] == "pipeline" and rec.watch.observe(now, self._load(inst), self._undropped(rec)):
+                self._restore(gid, rec, inst)
+        self._maybe_merge()
+
+    def _load(self, inst: Instance) -> KVLoad:
+        ps = self.c.config.cache.page_size
+        need = sum(s.num_tokens for s in inst.scheduler.waiting)
+        return KVLoad(inst.kv.num_used_blocks * ps, inst.kv.num_total_blocks * ps, need, len(inst.scheduler.waiting))
+
+    def _undropped(self, rec: GroupRecord) -> int:
+        """KV tokens the group's parts had as replicas (their capacity after a split)."""
+        return sum(self.c.replica_kv_tokens[g.ranks[0]] for g in rec.merge.parts)
+
+    # ------------------------------------------------------------------ drop
+
+    def _maybe_merge(self) -> None:
+        busy = any(s not in ("serving", "pipeline") for s in self.c.states.values())
+        replicas = [i for i in self.c.instances.values() if i.id not in self.groups and len(i.members) == 1]
+        if busy or len(replicas) < 2:
+            return
+        loads = {i.id: self._load(i) for i in replicas}
+        if not any(throttled(load, self.trigger) for load in loads.values()):
+            return
+        deficit_tokens = sum(max(x.waiting_need - x.free, 0) for x in loads.values())
+        bytes_per_token = self.model_bytes.replica_bytes() and self._kv_bytes_per_token()
+        plan = plan_merge([Group(i.id, (i.members[0].rank,)) for i in replicas], deficit_tokens * bytes_per_token,
+                          self.model_bytes)
+        for merge in plan.merges:
+            self._merge(merge)
+
+    def _kv_bytes_per_token(self) -> int:
+        ready = next(w.ready for w in self.c.workers.values() if w.ready)
+        return ready.page_bytes * self.num_layers // self.c.config.cache.page_size
+
+    def _merge(self, merge: Merge) -> None:
+        started = time.perf_counter()
+        c = self.c
+        parts = [c.instances[g.id] for g in merge.parts]
+        members = []
+        for rank, layers in zip(merge.ranks, merge.layers):
+            ready = c.workers[rank].ready
+            assert ready is not None  # invariant: only loaded replicas merge
+            keep = set(needed_groups(c.config.model, layers))
+            drop = [g for g in ready.groups if g not in keep]
+            c.send(rank, DropLayers(layers, drop))
+            kv = c.kv_of[rank]
+            kv.add_pages([p for g in drop for p in range(ready.groups[g][0], ready.groups[g][0] + ready.groups[g][1])])
+            kv.set_layers(layers)
+            members.append(Member(rank, layers, kv))
+        gid = min(g.id for g in merge.parts)
+        group = c.make_instance(gid, members)
+        group.absorb(parts)
+        for p in parts:
+            c.retire(p)
+            if p.id != gid:
+                c.moved += [(s.request_id, gid) for s in _seqs(p)]
+        c.instances[gid] = group
+        old = [s for s in _seqs(group) if not group.placed(s)]
+        c.states[gid] = "exchanging" if old else "pipeline"
+        if self.mode == "recompute":
+            for seq in old:
+                if seq.in_flight:
+                    continue  # its step commits, then the next tick finds it unplaced and requeues it
+                group.scheduler.requeue(seq)
+        else:
+            for seq in old:
+                seq.paused = True  # until its KV has moved (stall), or until its chunk moves it
+        self.groups[gid] = GroupRecord(merge, time.monotonic(), CalmWatch(self.trigger))
+        self.counters["drops"] += 1
+        took = time.perf_counter() - started
+        self.timings["drop_to_serving_s"].append(took)
+        c.events.append(ClusterEvent(time.time(), "drop", gid, f"devices {list(merge.ranks)} as a pipeline "
+                                     f"{list(merge.layers)}; {len(old)} requests to exchange"))
+        log.info("drop: instances %s merged into a %d-stage pipeline %s in %.1f ms (%d requests to exchange)",
+                 [g.id for g in merge.parts], len(members), list(merge.layers), took * 1e3, len(old))
+
+    # ------------------------------------------------------------------ exchange
+
+    def _next_chunk(self, gid: int, rec: GroupRecord, inst: Instance) -> None:
+        """Move the KV of the next few unplaced requests to the members that run its layers."""
+        if self.mode == "recompute":
+            return
+        todo = [s for s in inst.scheduler.running if not inst.placed(s) and not s.in_flight][: self.chunk]
+        if not todo:
+            return
+        ps = self.c.config.cache.page_size
+        for seq in todo:
+            seq.paused = True
+            home = next(m for m in inst.members if seq.seq_id in m.kv.tables)
+            blocks = home.kv.tables[seq.seq_id]
+            for m in inst.members:
+                if m.rank == home.rank:
+                    continue
+                if seq.seq_id in m.kv.tables or not m.kv.can_allocate(seq.seq_id, len(blocks) * ps):
+                    return  # no room on the receiver yet: try again after a step frees some
+                m.kv.allocate(seq.seq_id, len(blocks) * ps)
+                lo, hi = m.layers
+                src = [int(home.kv.block_pages[b, layer]) for b in blocks for layer in range(lo, hi)]
+                dst = [int(m.kv.block_pages[b, layer]) for b in m.kv.tables[seq.seq_id] for layer in range(lo, hi)]
+                tid = self.c.new_transfer_id()
+                rec.pending.add(tid)
+                self._transfers[tid] = (gid, m.rank)
+                self.c.send(home.rank, SendPages(tid, m.rank, src))
+                self.c.send(m.rank, RecvPages(tid, home.rank, dst))
+            rec.chunk.append(seq)
+
+    def on_transfer(self, msg: TransferDone | TransferFailed) -> bool:
+        """A chunk's copy reported; True if it was the exchange's."""
+        entry = self._transfers.get(msg.transfer_id)
+        if entry is None:
+            return False
+        gid, receiver = entry
+        if msg.rank != receiver:
+            return True  # the sender's report; the receiver's says when the pages are there
+        del self._transfers[msg.transfer_id]
+        rec = self.groups.get(gid)
+        if rec is None:
+            return True
+        rec.pending.discard(msg.transfer_id)
+        if isinstance(msg, TransferFailed):
+            log.error("exchange of group %d failed: %s", gid, msg.message)
+            return True  # the worker's death follows; the group's requests fail with it
+        rec.exchanged_bytes += msg.num_bytes
+        self.counters["exchanged_bytes"] += msg.num_bytes
+        if not rec.pending:
+            self._land_chunk(gid, rec)
+        return True
+
+    def _land_chunk(self, gid: int, rec: GroupRecord) -> None:
+        inst = self.c.instances[gid]
+        for seq in rec.chunk:
+            for m in inst.members:
+                if seq.seq_id in m.kv.tables:
+                    m.kv.trim(seq.seq_id, m.layers)  # the sender's copy of the moved layers is freed
+            seq.paused = False
+        rec.chunk = []
+
+    # ------------------------------------------------------------------ restore
+
+    def _restore(self, gid: int, rec: GroupRecord, inst: Instance) -> None:
+        """Split a calm group back into its parts (waits for its steps in flight first)."""
+        c = self.c
+        if c.states[gid] != "restoring":
+            rec.restore_began = time.perf_counter()
+        c.states[gid] = "restoring"
+        if inst.flights:
+            return  # the tick comes back once its steps in flight have committed
+        started = rec.restore_began
+        parts = [g.ranks[0] for g in rec.merge.parts]
+        full = (0, self.num_layers)
+        # 1. Every member takes its dropped groups' pages back (KV there moves within the device)
+        #    and pulls the weights from the member that holds them, pair by pair in one order.
+        for m in inst.members:
+            ready = c.workers[m.rank].ready
+            assert ready is not None
+            dropped = [g for g in ready.groups if g not in needed_groups(c.config.model, m.layers)]
+            pages = [p for g in dropped for p in range(ready.groups[g][0], ready.groups[g][0] + ready.groups[g][1])]
+            if not m.kv.can_reclaim(pages):
+                c.states[gid] = "pipeline"  # not calm enough after all
+                return
+        for m in inst.members:
+            ready = c.workers[m.rank].ready
+            dropped = [g for g in ready.groups if g not in needed_groups(c.config.model, m.layers)]
+            pages = [p for g in dropped for p in range(ready.groups[g][0], ready.groups[g][0] + ready.groups[g][1])]
+            moves = m.kv.reclaim(pages)
+            for src_member in inst.members:
+                if src_member.rank == m.rank:
+                    continue
+                theirs = [g for g in dropped if g in needed_groups(c.config.model, src_member.layers)]
+                if theirs:
+                    c.send(src_member.rank, SendParams(theirs, m.rank))
+                    c.send(m.rank, RestoreLayers(theirs, moves, src_member.rank))
+                    moves = []
+            if moves:
+                c.send(m.rank, CopyPages([s for s, _ in moves], [d for _, d in moves]))
+            m.kv.set_layers(full)
+        # 2. Each request's KV moves to its home member: the one holding the most of it.
+        homes = self._homes(inst)
+        ps = c.config.cache.page_size
+        for seq in _seqs(inst):
+            if seq.seq_id not in inst.kv.tables:
+                continue
+            home = homes[seq.seq_id]
+            hk = c.kv_of[home]
+            n_blocks = max(len(m.kv.tables[seq.seq_id]) for m in inst.members if seq.seq_id in m.kv.tables)
+            tmp = f"{seq.seq_id}@home"
+            hk.allocate(tmp, n_blocks * ps)
+            for m in inst.members:
+                if seq.seq_id not in m.kv.tables:
+                    continue
+                lo, hi = m.kv.seq_range(seq.seq_id)
+                src = [int(m.kv.block_pages[b, layer]) for b in m.kv.tables[seq.seq_id] for layer in range(lo, hi)]
+                dst = [int(hk.block_pages[b, layer]) for b in hk.tables[tmp][: len(m.kv.tables[seq.seq_id])]
+                       for layer in range(lo, hi)]
+                if m.rank == home:
+                    c.send(home, CopyPages(src, dst))
+                else:  # the home waits for the pages before its next step reads them
+                    tid = c.new_transfer_id()
+                    c.send(m.rank, SendPages(tid, home, src))
+                    c.send(home, RecvPages(tid, m.rank, dst, blocking=True))
+            for m in inst.members:
+                if seq.seq_id in m.kv.tables:
+                    m.kv.free(seq.seq_id)
+            hk.rename(tmp, seq.seq_id)
+        # 3. Split: the parts serve again as replicas, each with the requests whose home it is.
+        for rank in parts:
+            c.send(rank, RunLayers(full))
+        c.retire(inst)
+        del c.instances[gid]
+        del self.groups[gid]
+        replicas = {}
+        for g in rec.merge.parts:
+            rank = g.ranks[0]
+            replicas[rank] = c.make_instance(g.id, [Member(rank, full, c.kv_of[rank])])
+            c.instances[g.id] = replicas[rank]
+            c.states[g.id] = "serving"
+        sched = inst.scheduler
+        for seq in sched.running:
+            replicas[homes[seq.seq_id]].scheduler.attach(seq)
+            c.moved.append((seq.request_id, replicas[homes[seq.seq_id]].id))
+        for i, seq in enumerate(sched.waiting):
+            target = replicas[parts[i % len(parts)]]
+            target.scheduler.waiting.append(seq)
+            c.moved.append((seq.request_id, target.id))
+        took = time.perf_counter() - started
+        self.timings["restore_s"].append(took)
+        self.counters["restores"] += 1
+        c.events.append(ClusterEvent(time.time(), "restore", gid, f"split into instances {[g.id for g in rec.merge.parts]}"))
+        log.info("restore: group %d split back into %d replicas in %.1f ms", gid, len(parts), took * 1e3)
+
+    def _homes(self, inst: Instance) -> dict[str, int]:
+        """Each request's home: the member holding most of its KV; ties go to the lighter one."""
+        load = {m.rank: 0 for m in inst.members}
+        homes = {}
+        for seq in sorted(_seqs(inst), key=lambda s: -s.num_tokens):
+            held = {m.rank: len(m.kv.tables.get(seq.seq_id, ())) * (m.kv.seq_range(seq.seq_id) or (0, 0))[1]
+                    - len(m.kv.tables.get(seq.seq_id, ())) * (m.kv.seq_range(seq.seq_id) or (0, 0))[0]
+                    for m in inst.members}
+            home = max(held, key=lambda r: (held[r], -load[r]))
+            homes[seq.seq_id] = home
+            load[home] += seq.num_tokens
+        return homes
+
+    # ------------------------------------------------------------------ deaths
+
+    def on_instance_failed(self, gid: int) -> None:
+        """A member of a merged group died: its requests are failed by the caller; the record
+        stays until the workers are back, then `recover` splits the group."""
+        rec = self.groups.get(gid)
+        if rec is not None:
+            rec.pending.clear()
+            rec.chunk = []
+            for tid in [t for t, (g, _) in self._transfers.items() if g == gid]:
+                del self._transfers[tid]
+            rec.survivors = {m.rank for m in self.c.instances[gid].members if self.c.workers[m.rank].state == "ready"}
+
+    def recover(self, gid: int) -> list[Instance] | None:
+        """The replicas a failed merged group becomes once every member is loaded again: the
+        survivors reload what they dropped from the checkpoint. None if `gid` is no group."""
+        rec = self.groups.pop(gid, None)
+        if rec is None:
+            return None
+        c = self.c
+        full = (0, self.num_layers)
+        out = []
+        for g in rec.merge.parts:
+            rank = g.ranks[0]
+            ready = c.workers[rank].ready
+            assert ready is not None
+            member = next((m for m in c.instances[gid].members if m.rank == rank), None)
+            if member is not None and rank in rec.survivors:  # a restarted worker holds every layer
+                dropped = [n for n in ready.groups if n not in needed_groups(c.config.model, member.layers)]
+                if dropped:
+                    c.send(rank, RestoreLayers(dropped, [], -1))  # from the checkpoint: no peer is sure to
+                c.send(rank, RunLayers(full))
+            c.kv_of[rank] = c.fresh_kv(rank, full)
+            out.append(c.make_instance(g.id, [Member(rank, full, c.kv_of[rank])]))
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self.counters)
+
+
+def _seqs(inst: Instance) -> list[Sequence]:
+    s = inst.scheduler
+    return list(s.running) + list(s.swapped) + list(s.waiting)
