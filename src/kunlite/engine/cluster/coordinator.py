@@ -50,6 +50,7 @@ log = logging.getLogger("kunlite.cluster")
 
 PING_S = 1.0  # the coordinator's keep-alive to idle workers
 SERVING = ("serving", "pipeline", "exchanging")  # states in which an instance steps and takes requests
+DOWN = ("degraded", "restarting")  # a member died: the instance waits for it to come back
 
 
 class Cluster:
@@ -348,7 +349,7 @@ class Cluster:
                 self._death(w, f"no heartbeat for {now - w.last_seen:.1f} s", outputs)
             elif now - w.last_sent > PING_S:
                 self.send(w.rank, Ping())
-        if any(s != "serving" for s in self.states.values()):
+        if any(s in DOWN for s in self.states.values()):
             self._recover()
 
     def _death(self, w: WorkerState, why: str, outputs: list[RequestOutput]) -> None:
@@ -385,7 +386,7 @@ class Cluster:
         """Once every worker is loaded again: stop planning, let the steps in flight finish,
         re-form the world (every worker joins the next generation), and let the instances that
         were down serve again. The serving instances pause for about one step."""
-        down = [i for i in self.instances.values() if self.states[i.id] != "serving"]
+        down = [i for i in self.instances.values() if self.states[i.id] in DOWN]
         if any(w.state != "ready" for w in self.workers.values()):
             self.quiescing, self._reforming = False, None
             for inst in down:

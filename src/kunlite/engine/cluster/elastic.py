@@ -99,7 +99,9 @@ class Elastic:
                 self._restore(gid, rec, inst)
             if inst is None or state not in ("pipeline", "exchanging"):
                 continue
-            if self.mode != "recompute" and not rec.pending:
+            if self.mode == "recompute":
+                self._requeue_unplaced(inst)
+            elif not rec.pending:
                 self._next_chunk(gid, rec, inst)
             if self.c.states[gid] == "exchanging" and not rec.pending and all(inst.placed(s) for s in _seqs(inst)):
                 self.c.states[gid] = "pipeline"
@@ -160,17 +162,15 @@ class Elastic:
             c.retire(p)
             if p.id != gid:
                 c.moved += [(s.request_id, gid) for s in _seqs(p)]
+                del c.instances[p.id]
+                del c.states[p.id]
         c.instances[gid] = group
         old = [s for s in _seqs(group) if not group.placed(s)]
         c.states[gid] = "exchanging" if old else "pipeline"
+        for seq in old:
+            seq.paused = True  # never scheduled unplaced: recomputed, or paused until its KV has moved
         if self.mode == "recompute":
-            for seq in old:
-                if seq.in_flight:
-                    continue  # its step commits, then the next tick finds it unplaced and requeues it
-                group.scheduler.requeue(seq)
-        else:
-            for seq in old:
-                seq.paused = True  # until its KV has moved (stall), or until its chunk moves it
+            self._requeue_unplaced(group)
         self.groups[gid] = GroupRecord(merge, time.monotonic(), CalmWatch(self.trigger))
         self.counters["drops"] += 1
         took = time.perf_counter() - started
@@ -181,6 +181,14 @@ class Elastic:
                  [g.id for g in merge.parts], len(members), list(merge.layers), took * 1e3, len(old))
 
     # ------------------------------------------------------------------ exchange
+
+    @staticmethod
+    def _requeue_unplaced(inst: Instance) -> None:
+        """`recompute`: a request whose KV is on its old device only is prefilled again in the
+        pipeline (one whose step is in flight once that step commits)."""
+        for seq in [s for s in inst.scheduler.running if not inst.placed(s) and not s.in_flight]:
+            seq.paused = False
+            inst.scheduler.requeue(seq)
 
     def _next_chunk(self, gid: int, rec: GroupRecord, inst: Instance) -> None:
         """Move the KV of the next few unplaced requests to the members that run its layers."""
