@@ -33,7 +33,8 @@ from kunlite.engine.messages import ClusterEvent, EngineRequest, RequestOutput, 
 from kunlite.engine.preemption import PreemptionPolicy
 from kunlite.engine.scheduler import Scheduler, SchedulerOutput, child_params
 from kunlite.engine.sequence import Sequence, SeqStatus
-from kunlite.engine.work import HostMoves, PageMoves, SampleRow, StageDone, StageWork, WorkSeq, pack_pages
+from kunlite.engine.work import (HostMoves, PageMoves, RemoteRows, RemoteServe, SampleRow, StageDone, StageWork, WorkSeq,
+                                pack_pages)
 
 
 def eos_token_ids(model_dir: str | Path) -> frozenset[int]:
@@ -99,6 +100,11 @@ class Instance:
         self._step_ids = step_ids or itertools.count()  # shared by a cluster's instances: ids are unique
         self._aborting: set[str] = set()  # seq ids aborted while in flight
         self._copies: list[tuple[int, int, int]] = []  # (member, src block, dst block) for the next step
+        # Remote attention (a merged group): each member's scratch page, where rows whose KV is
+        # on another member attend locally before their output is replaced. None: not allowed.
+        self.scratch: dict[int, int] | None = None
+        self.remote_serves: list[tuple[int, RemoteServe]] = []  # (holder rank, what to serve): taken by the caller
+        self.remote_calls = 0  # (step, stage, holder) remote attention exchanges planned
 
     # ------------------------------------------------------------------ requests
 
@@ -121,6 +127,17 @@ class Instance:
                     else:
                         self.scheduler.finish(seq, "abort")
                         outs.append(output_of(seq, []))
+        return outs
+
+    def finish_aborted(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        """Aborts that waited for these sequences' transfers to land take effect now."""
+        outs = []
+        for seq in seqs:
+            if seq.seq_id in self._aborting:
+                self._aborting.discard(seq.seq_id)
+                if not seq.is_finished:
+                    self.scheduler.finish(seq, "abort")
+                    outs.append(output_of(seq, []))
         return outs
 
     def fail(self, reason: str = "error") -> list[RequestOutput]:
@@ -179,7 +196,8 @@ class Instance:
         works = []
         take_moves = getattr(self.scheduler.policy, "take_moves", None)
         for i, m in enumerate(self.members):
-            table, shape = pack_pages(self._page_table(m, sched))
+            remote = self._remote_rows(step_id, m, sched, seqs)
+            table, shape = pack_pages(self._page_table(m, sched, {r for rr in remote for r in rr.rows}))
             src, dst = m.kv.page_copies([(s, d) for j, s, d in copies if j == i])
             swap_out, swap_in = take_moves(i) if take_moves else (HostMoves(), HostMoves())
             works.append(StageWork(
@@ -188,19 +206,57 @@ class Instance:
                 next_rank=self.members[i + 1].rank if i + 1 < K else -1,
                 seqs=seqs, num_decodes=sched.num_decodes, page_table=table, table_shape=shape,
                 samples=rows if i == K - 1 else [], copies=PageMoves(src.tolist(), dst.tolist()),
-                swap_out=swap_out, swap_in=swap_in))
+                swap_out=swap_out, swap_in=swap_in, remote=remote))
         prefill = sum(n for _, n in sched.scheduled if n > 1)
         self.flights[step_id] = _Flight(sched, sampled, self.members[-1].rank, time.perf_counter(), prefill,
                                         sched.num_batched_tokens - prefill)
         return works
 
-    def _page_table(self, m: Member, sched: SchedulerOutput) -> np.ndarray:
+    def _page_table(self, m: Member, sched: SchedulerOutput, remote: set[int] = frozenset()) -> np.ndarray:
         """(L_m, B, max_blocks) pages of member m for the scheduled sequences; each row is padded
-        with its own first block, so that every entry names a real page of these layers."""
-        tables = [m.kv.tables[s.seq_id] for s, _ in sched.scheduled]
-        width = max(len(t) for t in tables)
-        ids = np.array([t + [t[0]] * (width - len(t)) for t in tables], dtype=np.int64)  # (B, max_blocks)
-        return m.kv.page_table(ids, m.layers)  # (L_m, B, max_blocks)
+        with its own first block, so that every entry names a real page of these layers. A row
+        in `remote` names the scratch page throughout."""
+        ps = self.members[0].kv.page_size
+        scratch = (self.scratch or {}).get(m.rank, -1)
+        lengths = [len(m.kv.tables[s.seq_id]) if r not in remote else -(-(s.num_computed_tokens + n) // ps)
+                   for r, (s, n) in enumerate(sched.scheduled)]
+        width = max(lengths)
+        L = m.layers[1] - m.layers[0]
+        out = np.empty((L, len(lengths), width), dtype=np.int32)  # (L_m, B, max_blocks)
+        for r, (s, _) in enumerate(sched.scheduled):
+            if r in remote:
+                out[:, r, :] = scratch
+                continue
+            t = m.kv.tables[s.seq_id]
+            ids = np.asarray(t + [t[0]] * (width - len(t)), dtype=np.int64)[None, :]  # (1, max_blocks)
+            out[:, r, :] = m.kv.page_table(ids, m.layers)[:, 0, :]
+        return out
+
+    def _remote_rows(self, step_id: int, m: Member, sched: SchedulerOutput, seqs: list[WorkSeq]) -> list[RemoteRows]:
+        """The rows whose KV of m's layers is on another member, by holder; each holder is told
+        what to serve (`remote_serves`)."""
+        by_holder: dict[int, list[int]] = {}
+        for r, (s, _) in enumerate(sched.scheduled):
+            if s.seq_id in m.kv.tables and m.kv.covers(s.seq_id, m.layers):
+                continue
+            holder = next((h for h in self.members if s.seq_id in h.kv.tables and h.kv.covers(s.seq_id, m.layers)),
+                          None)
+            if holder is None or self.scratch is None:
+                raise RuntimeError(f"{s.seq_id} has no KV for layers {m.layers} in instance {self.id}")
+            by_holder.setdefault(holder.rank, []).append(r)
+        out = []
+        for rank, rows in by_holder.items():
+            holder = next(h for h in self.members if h.rank == rank)
+            tables = [holder.kv.tables[sched.scheduled[r][0].seq_id] for r in rows]
+            width = max(len(t) for t in tables)
+            ids = np.array([t + [t[0]] * (width - len(t)) for t in tables], dtype=np.int64)  # (R, max_blocks)
+            table, shape = pack_pages(holder.kv.page_table(ids, m.layers))
+            decodes = sum(1 for r in rows if len(seqs[r].tokens) == 1)
+            self.remote_serves.append((rank, RemoteServe(step_id, m.rank, m.layers, [seqs[r] for r in rows], decodes,
+                                                         table, shape)))
+            out.append(RemoteRows(rank, rows))
+            self.remote_calls += m.layers[1] - m.layers[0]
+        return out
 
     def _sample_rows(self, sched: SchedulerOutput, sampled: list[Sequence]) -> list[SampleRow]:
         """One row per sampled sequence, then one per extra choice forked in this step (in the

@@ -218,6 +218,8 @@ class DecoderLayer:
         k = qk[:, cfg.num_heads :]  # (T, H_kv, d)
         v = qkv[:, self.qk :].view(T, cfg.num_kv_heads, cfg.head_dim)  # (T, H_kv, d)
         o = self.backend.forward(q, k, v, kv_cache, self.local_index, meta)  # (T, H_q, d)
+        if meta.remote is not None:  # rows whose KV of this layer is on another device
+            o = meta.remote(self.local_index, q, k, v, o)  # (T, H_q, d)
         x = linear.residual(x, o.reshape(T, cfg.q_size), self.w_o)  # (T, h)
         gate_up = linear.normed(x, self.post_norm, self.eps, self.w_gate_up)  # (T, 2I)
         return linear.glu_residual(x, gate_up, self.w_down)  # (T, h)

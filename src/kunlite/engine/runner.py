@@ -17,7 +17,7 @@ from kunlite.engine.block_manager import BlockManager
 from kunlite.engine.cpu_tuning import advise_huge_pages
 from kunlite.engine.memory import DevicePool, page_elems
 from kunlite.engine.model import CausalLM, Rope, param_groups
-from kunlite.engine.work import StageWork
+from kunlite.engine.work import StageWork, WorkSeq
 from kunlite.engine.weights import WeightLoader
 from kunlite.kernels.backend import AttentionMetadata, get_backend
 
@@ -79,36 +79,49 @@ class ModelRunner:
 
     def prepare(self, work: StageWork) -> StepInputs:
         """Flatten the step's sequences (decodes first, as scheduled) into model inputs and
-        attention metadata over this device's pages."""
-        ps = self.page_size
-        query_lens = [len(s.tokens) for s in work.seqs]
-        seq_lens = [s.num_computed + len(s.tokens) for s in work.seqs]
-        B = len(work.seqs)
-        page_tables = work.pages()  # (L, B, max_blocks)
+        attention metadata over this device's pages. Rows whose attention runs remotely attend
+        here over their own new tokens only (on a scratch page): their output is replaced."""
         lo, hi = self.model.active
+        page_tables = work.pages()  # (L, B, max_blocks)
         if page_tables.shape[0] != hi - lo:
             raise ValueError(f"the step's page table covers {page_tables.shape[0]} layers; this device runs "
                              f"{hi - lo}")
-        pos = np.concatenate([np.arange(s.num_computed, s.num_computed + len(s.tokens)) for s in work.seqs])  # (T,)
+        remote = {r for rr in work.remote for r in rr.rows}
+        meta, pos = self.metadata(work.seqs, page_tables, work.num_decodes, remote)
+        qsl = meta.query_lens_cpu
+        ends = np.cumsum(qsl) - 1  # (B,) the last token of each sequence
+        rows = sorted({r.seq for r in work.samples})
+        dev = self.device
+        tokens = [t for s in work.seqs for t in s.tokens] if work.is_first else []
+        return StepInputs(
+            inputs=torch.tensor(tokens, dtype=torch.long, device=dev),
+            positions=torch.from_numpy(pos).to(dev), meta=meta,
+            logits_indices=torch.tensor([int(ends[r]) for r in rows], dtype=torch.long, device=dev))
+
+    def metadata(self, seqs: list[WorkSeq], page_tables: np.ndarray, num_decodes: int,
+                 no_context: set[int] = frozenset()) -> tuple[AttentionMetadata, np.ndarray]:
+        """Attention metadata of `seqs` over `page_tables` ((L, B, max_blocks) pages of this
+        device), and the tokens' positions (T,). Rows in `no_context` attend over their new
+        tokens only."""
+        ps = self.page_size
+        query_lens = [len(s.tokens) for s in seqs]
+        seq_lens = [len(s.tokens) if i in no_context else s.num_computed + len(s.tokens) for i, s in enumerate(seqs)]
+        B = len(seqs)
+        pos = np.concatenate([np.arange(s.num_computed, s.num_computed + len(s.tokens)) for s in seqs])  # (T,)
         seq_of_token = np.repeat(np.arange(B), query_lens)  # (T,)
         slots = page_tables[:, seq_of_token, pos // ps].astype(np.int64) * ps + pos % ps  # (L, T)
         qsl = np.zeros(B + 1, dtype=np.int32)  # (B+1,)
         np.cumsum(query_lens, out=qsl[1:])
-        rows = sorted({r.seq for r in work.samples})
         dev = self.device
         meta = AttentionMetadata(
-            num_decodes=work.num_decodes,
+            num_decodes=num_decodes,
             query_start_loc=torch.from_numpy(qsl).to(dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
             page_tables=torch.from_numpy(page_tables.copy()).to(dev),  # the work's bytes are read-only
             slot_mapping=torch.from_numpy(np.ascontiguousarray(slots)).to(dev),
             max_query_len=max(query_lens), max_seq_len=max(seq_lens),
             query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
-        tokens = [t for s in work.seqs for t in s.tokens] if work.is_first else []
-        return StepInputs(
-            inputs=torch.tensor(tokens, dtype=torch.long, device=dev),
-            positions=torch.from_numpy(pos).to(dev), meta=meta,
-            logits_indices=torch.tensor([int(qsl[r + 1]) - 1 for r in rows], dtype=torch.long, device=dev))
+        return meta, pos
 
     @torch.inference_mode()
     def forward(self, step: StepInputs, hidden: torch.Tensor | None = None) -> torch.Tensor:

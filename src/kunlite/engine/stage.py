@@ -13,6 +13,7 @@ turns the sampled rows into logits and samples; its StageDone carries the tokens
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,8 +43,9 @@ class HostSwapSpace:
 
 class StageRunner:
     def __init__(self, runner: ModelRunner, sampler: Sampler, eos: frozenset[int], rank: int = 0,
-                 swap_slots: int = 0) -> None:
+                 swap_slots: int = 0, remote: Any = None) -> None:
         self.runner = runner
+        self.remote = remote  # builds the step's RemoteCall (transfer/remote_attention.py) for remote rows
         self.sampler = sampler
         self.eos = sorted(eos)
         self.rank = rank
@@ -65,6 +67,10 @@ class StageRunner:
         if work.copies:
             self.runner.copy_pages(np.asarray(work.copies.src), np.asarray(work.copies.dst))
         inputs = self.runner.prepare(work)
+        if work.remote:
+            if self.remote is None:
+                raise RuntimeError("a step with remote attention on a device that cannot call one")
+            inputs.meta.remote = self.remote(work, inputs.meta.query_lens_cpu)
         out = self.runner.forward(inputs, hidden)  # (T, h), or (R, V) logits on the last stage
         if not work.is_last:
             return StageDone(work.step_id, work.instance, self.rank, time.perf_counter() - start), out

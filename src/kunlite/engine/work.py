@@ -63,6 +63,15 @@ class HostMoves(msgspec.Struct, frozen=True, array_like=True):
         return bool(self.pages)
 
 
+class RemoteRows(msgspec.Struct, frozen=True, array_like=True):
+    """Sequences of a step whose KV for this stage's layers lives on `holder`: their attention
+    runs there (remote attention); here they attend over a scratch page, and that output is
+    replaced by the holder's."""
+
+    holder: int
+    rows: list[int]  # indices into StageWork.seqs
+
+
 class StageWork(msgspec.Struct, frozen=True, tag=True):
     """One member's share of one step. Done in this order: swap out, swap in, copies, forward."""
 
@@ -80,6 +89,7 @@ class StageWork(msgspec.Struct, frozen=True, tag=True):
     copies: PageMoves = PageMoves()
     swap_out: HostMoves = HostMoves()
     swap_in: HostMoves = HostMoves()
+    remote: list[RemoteRows] = []
 
     @property
     def num_tokens(self) -> int:
@@ -107,6 +117,22 @@ class StageDone(msgspec.Struct, frozen=True, tag=True):
     seconds: float
     tokens: list[int] = []
     logprobs: list[TokenLogprobs | None] | None = None
+
+
+class RemoteServe(msgspec.Struct, frozen=True, tag=True):
+    """To a holder: run attention for `requester`'s step `step_id` over these sequences' KV of
+    `layers` (the requester's layers), one layer after the other as q, k and v arrive."""
+
+    step_id: int
+    requester: int
+    layers: tuple[int, int]
+    seqs: list[WorkSeq]
+    num_decodes: int
+    page_table: bytes  # int32 (L, R, max_blocks) pages on the holder
+    table_shape: tuple[int, int, int]
+
+    def pages(self) -> np.ndarray:  # (L, R, max_blocks) int32
+        return np.frombuffer(self.page_table, dtype=np.int32).reshape(self.table_shape)
 
 
 def pack_pages(table: np.ndarray) -> tuple[bytes, tuple[int, int, int]]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -39,6 +39,9 @@ class AttentionMetadata:
     # Host copies, so that backends never synchronise to learn a length.
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Remote attention for some rows (a `transfer.remote_attention.RemoteCall`): called per layer
+    # with (layer, q, k, v, o) after the local attention; returns o with those rows replaced.
+    remote: Any = None
 
     @property
     def num_seqs(self) -> int:

@@ -23,14 +23,16 @@ class ControlError(RuntimeError):
     pass
 
 
-def worker_identity(rank: int, heartbeat: bool = False) -> bytes:
-    return f"{'h' if heartbeat else 'w'}{rank}".encode()
+def worker_identity(rank: int, heartbeat: bool = False, service: bool = False) -> bytes:
+    """The socket identities of a worker: "w3" (its main loop), "h3" (heartbeats), "s3" (its
+    remote-attention server)."""
+    return f"{'h' if heartbeat else 's' if service else 'w'}{rank}".encode()
 
 
 def parse_identity(identity: bytes) -> tuple[int, bool]:
     """(rank, is_heartbeat) of a worker's socket identity."""
     text = identity.decode()
-    return int(text[1:]), text[0] == "h"
+    return int(text[1:]), text[0] in "hs"
 
 
 class ControlServer(Generic[In]):
@@ -55,9 +57,10 @@ class ControlServer(Generic[In]):
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(message_type)
 
-    def send(self, rank: int, msg: Any) -> None:
+    def send(self, rank: int, msg: Any, *, service: bool = False) -> None:
         try:
-            self.socket.send_multipart([worker_identity(rank), self._encoder.encode(msg)], flags=zmq.NOBLOCK)
+            self.socket.send_multipart([worker_identity(rank, service=service), self._encoder.encode(msg)],
+                                       flags=zmq.NOBLOCK)
         except zmq.ZMQError as e:
             raise ControlError(f"cannot reach worker {rank}: {e}") from None
 
@@ -79,9 +82,10 @@ class ControlServer(Generic[In]):
 class ControlClient(Generic[Out]):
     """A worker's end: receives `Out` messages from the coordinator."""
 
-    def __init__(self, address: str, rank: int, message_type: Any, *, heartbeat: bool = False) -> None:
+    def __init__(self, address: str, rank: int, message_type: Any, *, heartbeat: bool = False,
+                 service: bool = False) -> None:
         self.socket = zmq.Context.instance().socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.IDENTITY, worker_identity(rank, heartbeat))
+        self.socket.setsockopt(zmq.IDENTITY, worker_identity(rank, heartbeat, service))
         self.socket.setsockopt(zmq.LINGER, 1000)
         self.socket.connect(address)
         self._encoder = msgspec.msgpack.Encoder()

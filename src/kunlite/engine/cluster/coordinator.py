@@ -87,7 +87,9 @@ class Cluster:
         self.counters: dict[str, float] = {"num_worker_deaths_total": 0}
         self.moved: list[tuple[str, int]] = []
         self.events: list[ClusterEvent] = []
+        self.outputs_pending: list[RequestOutput] = []  # produced outside a step (an abort that waited)
         self.kv_of: dict[int, BlockManager] = {}  # each device's KV accounting, whatever instance it serves
+        self.scratch_of: dict[int, int] = {}  # kunserve: each device's scratch page (remote attention)
         self.replica_kv_tokens: dict[int, int] = {}  # KV tokens each device holds as a replica
         self.retired: dict[str, float] = {}  # cumulative counters of instances merged or split away
         self._transfer_ids = itertools.count()
@@ -158,11 +160,15 @@ class Cluster:
         self.states = {i: "serving" for i in self.instances}
 
     def fresh_kv(self, rank: int, layers: tuple[int, int]) -> BlockManager:
-        """KV accounting of a device with every parameter it was assigned resident."""
+        """KV accounting of a device with every parameter it was assigned resident. Under
+        kunserve one page is kept out of it: the scratch page of remote attention."""
         ready = self.workers[rank].ready
         assert ready is not None  # invariant: accounting exists for loaded workers only
+        pages = list(ready.kv_pages)
+        if self.options.overload_policy == "kunserve":
+            self.scratch_of[rank] = pages.pop(0)
         return BlockManager(page_size=self.config.cache.page_size, layers=layers,
-                            num_layers=self.config.model.num_layers, pages=ready.kv_pages,
+                            num_layers=self.config.model.num_layers, pages=pages,
                             enable_prefix_caching=self.config.cache.enable_prefix_caching)
 
     def make_instance(self, iid: int, members: list[Member]) -> Instance:
@@ -261,6 +267,8 @@ class Cluster:
         if self.elastic is not None and not self.quiescing:
             self.elastic.tick()
         self._plan_all(outputs)
+        outputs += self.outputs_pending
+        self.outputs_pending = []
         return outputs
 
     def _plan_all(self, outputs: list[RequestOutput]) -> None:
@@ -271,9 +279,24 @@ class Cluster:
                 works = inst.plan()
                 if works is None:
                     break
+                for holder, serve in inst.remote_serves:  # before the requester's step: it waits on them
+                    self.send_service(holder, serve)
+                inst.remote_serves.clear()
+                if self.elastic is not None:
+                    self.elastic.counters["remote_attention_calls"] += inst.remote_calls
+                inst.remote_calls = 0
                 for work in works:
                     if not self.send(inst.members[work.stage].rank, work):
                         break
+
+    def send_service(self, rank: int, msg: Any) -> bool:
+        """A message to the worker's remote-attention server."""
+        try:
+            self.control.send(rank, msg, service=True)
+        except ControlError as e:
+            self._death(self.workers[rank], str(e), [])
+            return False
+        return True
 
     def send(self, rank: int, msg: Any) -> bool:
         """Send a control message; False (and the worker is dead) if it cannot be reached."""

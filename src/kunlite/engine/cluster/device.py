@@ -76,9 +76,10 @@ class _Transfer:
 
 
 class DeviceWorker:
-    def __init__(self, rdzv: Rendezvous, store: Any, control: ControlClient[Any]) -> None:
+    def __init__(self, rdzv: Rendezvous, store: Any, control: ControlClient[Any], control_address: str) -> None:
         self.rdzv = rdzv
         self.store = store
+        self.control_address = control_address
         self.rank = rdzv.rank
         self.control = control
         self.outgoing: list[Any] = []  # p2p.Pending sends of activations still in progress
@@ -93,6 +94,7 @@ class DeviceWorker:
         from kunlite.engine.runner import ModelRunner
         from kunlite.engine.sampler import Sampler
         from kunlite.engine.stage import StageRunner
+        from kunlite.transfer.remote_attention import RemoteCall, RemoteServer
         from kunlite.transfer.world import World
 
         opts = EngineOptions(**assign.options)
@@ -103,9 +105,16 @@ class DeviceWorker:
             keep_freed_memory()
         torch.manual_seed(config.seed + self.rank)
         self.runner = ModelRunner(config)
+        cfg = config.model
+
+        def remote_call(work, query_lens):  # type: ignore[no-untyped-def]
+            return RemoteCall(work, query_lens, cfg.num_heads, cfg.head_dim, self.runner.device)
+
         # Each device samples unseeded rows from its own stream.
         self.stage = StageRunner(self.runner, Sampler(seed=config.seed + self.rank), eos_token_ids(config.model_dir),
-                                 self.rank, assign.swap_slots)
+                                 self.rank, assign.swap_slots, remote=remote_call)
+        self.service = RemoteServer(self.runner, ControlClient(self.control_address, self.rank, ToWorker,
+                                                               service=True))
         self.hidden_size = config.model.hidden_size
         self.dtype = self.runner.dtype
         self.device = self.runner.device
@@ -255,7 +264,7 @@ def run_worker(rdzv: Rendezvous) -> int:
     stop = threading.Event()
     threading.Thread(target=_heartbeats, args=(address, rdzv.rank, stop), name="kunlite-heartbeat",
                      daemon=True).start()
-    worker = DeviceWorker(rdzv, store, control)
+    worker = DeviceWorker(rdzv, store, control, address)
     control.send(Hello(rdzv.rank, os.getpid(), socket.gethostname()))
     try:
         assign = _await(control, Assign, ASSIGN_TIMEOUT_S)

@@ -106,7 +106,8 @@ class Elastic:
             if self.c.states[gid] == "exchanging" and not rec.pending and all(inst.placed(s) for s in _seqs(inst)):
                 self.c.states[gid] = "pipeline"
                 self.timings["exchange_s"].append(now - rec.merged_at)
-            if self.c.states[gid] == "pipeline" and rec.watch.observe(now, self._load(inst), self._undropped(rec)):
+            calm = rec.watch.observe(now, self._load(inst), self._undropped(rec))
+            if calm and not rec.pending:  # a restore may come before every request was exchanged
                 self._restore(gid, rec, inst)
         self._maybe_merge()
 
@@ -157,6 +158,8 @@ class Elastic:
             members.append(Member(rank, layers, kv))
         gid = min(g.id for g in merge.parts)
         group = c.make_instance(gid, members)
+        if self.mode == "remote-attention":
+            group.scratch = {m.rank: c.scratch_of[m.rank] for m in members}
         group.absorb(parts)
         for p in parts:
             c.retire(p)
@@ -167,8 +170,9 @@ class Elastic:
         c.instances[gid] = group
         old = [s for s in _seqs(group) if not group.placed(s)]
         c.states[gid] = "exchanging" if old else "pipeline"
-        for seq in old:
-            seq.paused = True  # never scheduled unplaced: recomputed, or paused until its KV has moved
+        if self.mode != "remote-attention":
+            for seq in old:
+                seq.paused = True  # never scheduled unplaced: recomputed, or paused until its KV has moved
         if self.mode == "recompute":
             self._requeue_unplaced(group)
         self.groups[gid] = GroupRecord(merge, time.monotonic(), CalmWatch(self.trigger))
@@ -190,8 +194,17 @@ class Elastic:
             seq.paused = False
             inst.scheduler.requeue(seq)
 
+    def restore_now(self, gid: int) -> None:
+        """Split a merged group at once, calm or not (tests; an operator's command)."""
+        rec, inst = self.groups[gid], self.c.instances[gid]
+        if rec.pending:
+            raise RuntimeError("an exchange chunk is in flight; restore after it lands")
+        self._restore(gid, rec, inst)
+
     def _next_chunk(self, gid: int, rec: GroupRecord, inst: Instance) -> None:
-        """Move the KV of the next few unplaced requests to the members that run its layers."""
+        """Move the KV of the next few unplaced requests to the members that run its layers.
+        While its chunk is in flight a request counts as in flight: it is not scheduled, and an
+        abort of it takes effect when the chunk lands (a receive may still write its pages)."""
         if self.mode == "recompute":
             return
         todo = [s for s in inst.scheduler.running if not inst.placed(s) and not s.in_flight][: self.chunk]
@@ -199,13 +212,14 @@ class Elastic:
             return
         ps = self.c.config.cache.page_size
         for seq in todo:
-            seq.paused = True
+            seq.paused = seq.in_flight = True
             home = next(m for m in inst.members if seq.seq_id in m.kv.tables)
             blocks = home.kv.tables[seq.seq_id]
             for m in inst.members:
                 if m.rank == home.rank:
                     continue
                 if seq.seq_id in m.kv.tables or not m.kv.can_allocate(seq.seq_id, len(blocks) * ps):
+                    seq.in_flight = False
                     return  # no room on the receiver yet: try again after a step frees some
                 m.kv.allocate(seq.seq_id, len(blocks) * ps)
                 lo, hi = m.layers
@@ -246,7 +260,8 @@ class Elastic:
             for m in inst.members:
                 if seq.seq_id in m.kv.tables:
                     m.kv.trim(seq.seq_id, m.layers)  # the sender's copy of the moved layers is freed
-            seq.paused = False
+            seq.paused = seq.in_flight = False
+        self.c.outputs_pending += inst.finish_aborted(rec.chunk)
         rec.chunk = []
 
     # ------------------------------------------------------------------ restore
@@ -296,7 +311,10 @@ class Elastic:
                 continue
             home = homes[seq.seq_id]
             hk = c.kv_of[home]
-            n_blocks = max(len(m.kv.tables[seq.seq_id]) for m in inst.members if seq.seq_id in m.kv.tables)
+            holders = [m for m in inst.members if seq.seq_id in m.kv.tables]
+            if [m.rank for m in holders] == [home] and hk.covers(seq.seq_id, full):
+                continue  # never exchanged: its KV is whole on its home already
+            n_blocks = max(len(m.kv.tables[seq.seq_id]) for m in holders)
             tmp = f"{seq.seq_id}@home"
             hk.allocate(tmp, n_blocks * ps)
             for m in inst.members:

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from kunlite.engine.work import StageDone, StageWork
+from kunlite.engine.work import RemoteServe, StageDone, StageWork
 
 # ---------------------------------------------------------------- coordinator -> worker
 
@@ -99,7 +99,7 @@ class Shutdown(msgspec.Struct, frozen=True, tag=True):
 
 
 ToWorker = (Assign | Reform | StageWork | SendPages | RecvPages | CopyPages | DropLayers | RestoreLayers | SendParams
-            | RunLayers | Ping | Shutdown)
+            | RunLayers | RemoteServe | Ping | Shutdown)  # RemoteServe: to the worker's service socket
 
 # ---------------------------------------------------------------- worker -> coordinator
 
