@@ -25,6 +25,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "qwen2-bias": dict(arch="qwen2", tie_word_embeddings=True, num_attention_heads=8, num_key_value_heads=2,
                        hidden_size=64, head_dim=8),
     "mistral": dict(arch="mistral", tie_word_embeddings=False, sliding_window=None),
+    # Parameters weigh more than KV here, as in real models: dropping half of them frees much.
+    "llama-4l-heavy": dict(arch="llama", tie_word_embeddings=False, num_hidden_layers=4, hidden_size=128,
+                           intermediate_size=384),
 }
 
 

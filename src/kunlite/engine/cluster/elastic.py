@@ -22,6 +22,7 @@ survivors reload what they dropped from the checkpoint and the replicas serve ag
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from kunlite.engine.cluster.messages import (CopyPages, DropLayers, RecvPages, RestoreLayers, RunLayers, SendPages,
                                              SendParams, TransferDone, TransferFailed)
+from kunlite.engine.block_manager import BlockManager, BlockManagerError
 from kunlite.engine.instance import Instance, Member
 from kunlite.engine.messages import ClusterEvent
 from kunlite.engine.model import needed_groups
@@ -54,6 +56,8 @@ class GroupRecord:
     chunk: list[Sequence] = field(default_factory=list)  # the requests of that chunk
     exchanged_bytes: int = 0
     restore_began: float = 0.0
+    restore_requested: bool = False  # split as soon as the chunk in flight lands
+    state_before: str = "pipeline"  # to go back to when a restore must wait
     survivors: set[int] = field(default_factory=set)  # members alive when the group failed
 
 
@@ -95,20 +99,28 @@ class Elastic:
         for gid, rec in list(self.groups.items()):
             inst = self.c.instances.get(gid)
             state = self.c.states.get(gid)
-            if inst is not None and state == "restoring" and not inst.flights:
-                self._restore(gid, rec, inst)
-            if inst is None or state not in ("pipeline", "exchanging"):
+            if inst is None:
                 continue
+            if state == "restoring":  # no new step and no new chunk until it splits (or goes back)
+                if not rec.pending:
+                    self._restore(gid, rec, inst)
+                continue
+            if state not in ("pipeline", "exchanging"):
+                continue
+            if rec.restore_requested and not rec.pending:
+                if self._restore(gid, rec, inst) or self.c.states.get(gid) == "restoring":
+                    continue  # split, or waiting for its steps in flight
+                # no room yet: the exchange goes on meanwhile
             if self.mode == "recompute":
                 self._requeue_unplaced(inst)
             elif not rec.pending:
                 self._next_chunk(gid, rec, inst)
-            if self.c.states[gid] == "exchanging" and not rec.pending and all(inst.placed(s) for s in _seqs(inst)):
+            if state == "exchanging" and not rec.pending and all(inst.placed(s) for s in _seqs(inst)):
                 self.c.states[gid] = "pipeline"
                 self.timings["exchange_s"].append(now - rec.merged_at)
             calm = rec.watch.observe(now, self._load(inst), self._undropped(rec))
-            if calm and not rec.pending:  # a restore may come before every request was exchanged
-                self._restore(gid, rec, inst)
+            if calm and not rec.pending:
+                self._restore(gid, rec, inst)  # it may come before every request was exchanged
         self._maybe_merge()
 
     def _load(self, inst: Instance) -> KVLoad:
@@ -134,6 +146,13 @@ class Elastic:
         bytes_per_token = self.model_bytes.replica_bytes() and self._kv_bytes_per_token()
         plan = plan_merge([Group(i.id, (i.members[0].rank,)) for i in replicas], deficit_tokens * bytes_per_token,
                           self.model_bytes)
+        for merge in plan.merges:
+            self._merge(merge)
+
+    def drop_now(self) -> None:
+        """Merge the replicas at once, throttled or not (tests; an operator's command)."""
+        replicas = [i for i in self.c.instances.values() if i.id not in self.groups and len(i.members) == 1]
+        plan = plan_merge([Group(i.id, (i.members[0].rank,)) for i in replicas], 1, self.model_bytes)
         for merge in plan.merges:
             self._merge(merge)
 
@@ -195,11 +214,9 @@ class Elastic:
             inst.scheduler.requeue(seq)
 
     def restore_now(self, gid: int) -> None:
-        """Split a merged group at once, calm or not (tests; an operator's command)."""
-        rec, inst = self.groups[gid], self.c.instances[gid]
-        if rec.pending:
-            raise RuntimeError("an exchange chunk is in flight; restore after it lands")
-        self._restore(gid, rec, inst)
+        """Split a merged group calm or not (tests; an operator's command): no new exchange
+        chunk starts, and the split comes once the chunk in flight has landed."""
+        self.groups[gid].restore_requested = True
 
     def _next_chunk(self, gid: int, rec: GroupRecord, inst: Instance) -> None:
         """Move the KV of the next few unplaced requests to the members that run its layers.
@@ -266,79 +283,100 @@ class Elastic:
 
     # ------------------------------------------------------------------ restore
 
-    def _restore(self, gid: int, rec: GroupRecord, inst: Instance) -> None:
-        """Split a calm group back into its parts (waits for its steps in flight first)."""
+    def _restore(self, gid: int, rec: GroupRecord, inst: Instance) -> bool:
+        """Split a group back into its parts once its steps in flight have committed, if the
+        requests' KV fits the replicas (tried first on copies of the accounting). False while it
+        cannot happen yet."""
         c = self.c
+        homes = self._homes(inst)
+        if not self._fits(inst, homes):
+            if c.states[gid] == "restoring":
+                c.states[gid] = rec.state_before  # no room after all: serve on, try again later
+            return False
         if c.states[gid] != "restoring":
             rec.restore_began = time.perf_counter()
-        c.states[gid] = "restoring"
+            rec.state_before = c.states[gid]
+            c.states[gid] = "restoring"  # no new steps
         if inst.flights:
-            return  # the tick comes back once its steps in flight have committed
-        started = rec.restore_began
-        parts = [g.ranks[0] for g in rec.merge.parts]
+            return False  # the tick comes back once its steps in flight have committed
+        actions = self._split_kv({m.rank: m.kv for m in inst.members}, inst, homes)
+        for rank, msg in actions:
+            c.send(rank, msg)
+        self._replicas(gid, rec, inst, homes)
+        return True
+
+    def _fits(self, inst: Instance, homes: dict[str, int]) -> bool:
+        """Whether the split's accounting goes through, tried on copies of it."""
+        try:
+            self._split_kv({m.rank: copy.deepcopy(m.kv) for m in inst.members}, inst, homes, dry_run=True)
+        except BlockManagerError:
+            return False
+        return True
+
+    def _split_kv(self, kvs: dict[int, BlockManager], inst: Instance, homes: dict[str, int],
+                  dry_run: bool = False) -> list[tuple[int, Any]]:
+        """The accounting of a split, on `kvs` (one BlockManager per member), and the messages
+        that carry it out, in order. Raises BlockManagerError when something does not fit.
+        1. Every member takes its dropped groups' pages back (KV there moves within the device)
+           and pulls those weights from the member that holds them, pair by pair in one order.
+        2. Each request's KV moves to its home: a full-width table there takes the home's own
+           layers by a local copy and the others' by P2P; the old tables are freed."""
+        c = self.c
         full = (0, self.num_layers)
-        # 1. Every member takes its dropped groups' pages back (KV there moves within the device)
-        #    and pulls the weights from the member that holds them, pair by pair in one order.
+        out: list[tuple[int, Any]] = []
         for m in inst.members:
             ready = c.workers[m.rank].ready
             assert ready is not None
+            kv = kvs[m.rank]
             dropped = [g for g in ready.groups if g not in needed_groups(c.config.model, m.layers)]
             pages = [p for g in dropped for p in range(ready.groups[g][0], ready.groups[g][0] + ready.groups[g][1])]
-            if not m.kv.can_reclaim(pages):
-                c.states[gid] = "pipeline"  # not calm enough after all
-                return
-        for m in inst.members:
-            ready = c.workers[m.rank].ready
-            dropped = [g for g in ready.groups if g not in needed_groups(c.config.model, m.layers)]
-            pages = [p for g in dropped for p in range(ready.groups[g][0], ready.groups[g][0] + ready.groups[g][1])]
-            moves = m.kv.reclaim(pages)
-            for src_member in inst.members:
-                if src_member.rank == m.rank:
-                    continue
-                theirs = [g for g in dropped if g in needed_groups(c.config.model, src_member.layers)]
-                if theirs:
-                    c.send(src_member.rank, SendParams(theirs, m.rank))
-                    c.send(m.rank, RestoreLayers(theirs, moves, src_member.rank))
+            if not kv.can_reclaim(pages):
+                raise BlockManagerError(f"device {m.rank} cannot take its parameter pages back yet")
+            moves = kv.reclaim(pages)
+            for src in inst.members:
+                theirs = [g for g in dropped if g in needed_groups(c.config.model, src.layers)]
+                if src.rank != m.rank and theirs:
+                    out += [(src.rank, SendParams(theirs, m.rank)), (m.rank, RestoreLayers(theirs, moves, src.rank))]
                     moves = []
             if moves:
-                c.send(m.rank, CopyPages([s for s, _ in moves], [d for _, d in moves]))
-            m.kv.set_layers(full)
-        # 2. Each request's KV moves to its home member: the one holding the most of it.
-        homes = self._homes(inst)
+                out.append((m.rank, CopyPages([a for a, _ in moves], [b for _, b in moves])))
+            kv.set_layers(full)
         ps = c.config.cache.page_size
         for seq in _seqs(inst):
-            if seq.seq_id not in inst.kv.tables:
-                continue
+            holders = [m.rank for m in inst.members if seq.seq_id in kvs[m.rank].tables]
             home = homes[seq.seq_id]
-            hk = c.kv_of[home]
-            holders = [m for m in inst.members if seq.seq_id in m.kv.tables]
-            if [m.rank for m in holders] == [home] and hk.covers(seq.seq_id, full):
-                continue  # never exchanged: its KV is whole on its home already
-            n_blocks = max(len(m.kv.tables[seq.seq_id]) for m in holders)
+            hk = kvs[home]
+            if not holders or (holders == [home] and hk.covers(seq.seq_id, full)):
+                continue  # no KV, or never exchanged: whole on its home already
+            n_blocks = max(len(kvs[r].tables[seq.seq_id]) for r in holders)
             tmp = f"{seq.seq_id}@home"
             hk.allocate(tmp, n_blocks * ps)
-            for m in inst.members:
-                if seq.seq_id not in m.kv.tables:
-                    continue
-                lo, hi = m.kv.seq_range(seq.seq_id)
-                src = [int(m.kv.block_pages[b, layer]) for b in m.kv.tables[seq.seq_id] for layer in range(lo, hi)]
-                dst = [int(hk.block_pages[b, layer]) for b in hk.tables[tmp][: len(m.kv.tables[seq.seq_id])]
-                       for layer in range(lo, hi)]
-                if m.rank == home:
-                    c.send(home, CopyPages(src, dst))
+            for r in holders:
+                kv = kvs[r]
+                lo, hi = kv.seq_range(seq.seq_id)
+                table = kv.tables[seq.seq_id]
+                src = [int(kv.block_pages[b, layer]) for b in table for layer in range(lo, hi)]
+                dst = [int(hk.block_pages[b, layer]) for b in hk.tables[tmp][: len(table)] for layer in range(lo, hi)]
+                if r == home:
+                    out.append((home, CopyPages(src, dst)))
                 else:  # the home waits for the pages before its next step reads them
-                    tid = c.new_transfer_id()
-                    c.send(m.rank, SendPages(tid, home, src))
-                    c.send(home, RecvPages(tid, m.rank, dst, blocking=True))
-            for m in inst.members:
-                if seq.seq_id in m.kv.tables:
-                    m.kv.free(seq.seq_id)
+                    tid = -1 if dry_run else c.new_transfer_id()
+                    out += [(r, SendPages(tid, home, src)), (home, RecvPages(tid, r, dst, blocking=True))]
+            for r in holders:
+                kvs[r].free(seq.seq_id)
             hk.rename(tmp, seq.seq_id)
-        # 3. Split: the parts serve again as replicas, each with the requests whose home it is.
+        return out
+
+    def _replicas(self, gid: int, rec: GroupRecord, inst: Instance, homes: dict[str, int]) -> None:
+        """The parts serve again as replicas, each with the requests whose home it is."""
+        c = self.c
+        full = (0, self.num_layers)
+        parts = [g.ranks[0] for g in rec.merge.parts]
         for rank in parts:
             c.send(rank, RunLayers(full))
         c.retire(inst)
         del c.instances[gid]
+        del c.states[gid]
         del self.groups[gid]
         replicas = {}
         for g in rec.merge.parts:
@@ -348,26 +386,26 @@ class Elastic:
             c.states[g.id] = "serving"
         sched = inst.scheduler
         for seq in sched.running:
+            seq.paused = False
             replicas[homes[seq.seq_id]].scheduler.attach(seq)
             c.moved.append((seq.request_id, replicas[homes[seq.seq_id]].id))
         for i, seq in enumerate(sched.waiting):
             target = replicas[parts[i % len(parts)]]
             target.scheduler.waiting.append(seq)
             c.moved.append((seq.request_id, target.id))
-        took = time.perf_counter() - started
+        took = time.perf_counter() - rec.restore_began
         self.timings["restore_s"].append(took)
         self.counters["restores"] += 1
         c.events.append(ClusterEvent(time.time(), "restore", gid, f"split into instances {[g.id for g in rec.merge.parts]}"))
         log.info("restore: group %d split back into %d replicas in %.1f ms", gid, len(parts), took * 1e3)
 
     def _homes(self, inst: Instance) -> dict[str, int]:
-        """Each request's home: the member holding most of its KV; ties go to the lighter one."""
+        """Each request's home: the member holding most of its KV pages; ties go to the member
+        with less work so far (the split balances the replicas)."""
         load = {m.rank: 0 for m in inst.members}
         homes = {}
         for seq in sorted(_seqs(inst), key=lambda s: -s.num_tokens):
-            held = {m.rank: len(m.kv.tables.get(seq.seq_id, ())) * (m.kv.seq_range(seq.seq_id) or (0, 0))[1]
-                    - len(m.kv.tables.get(seq.seq_id, ())) * (m.kv.seq_range(seq.seq_id) or (0, 0))[0]
-                    for m in inst.members}
+            held = {m.rank: sum(m.kv.width(b) for b in m.kv.tables.get(seq.seq_id, ())) for m in inst.members}
             home = max(held, key=lambda r: (held[r], -load[r]))
             homes[seq.seq_id] = home
             load[home] += seq.num_tokens
