@@ -6,11 +6,13 @@ on the same workload and KV budget; one table at the end.
 
 KunServe's setting (`burst`): long generations (chain-of-thought-like, hundreds of tokens) hold
 most of the KV when a burst of short requests arrives (gamma arrivals, or the rows of a
-BurstGPT-format CSV with --trace). 300 MiB per device leaves 976 KV tokens per worker next to
-SmolLM2's fp32 parameters (1,952 in all), and the burst needs about twice that. `at-once`: every
+BurstGPT-format CSV with --trace). 284 MiB per device leaves 608 KV tokens per worker next to
+SmolLM2's fp32 parameters (1,216 in all), and the burst needs about twice that. `at-once`: every
 request at t = 0 with a short prompt: all are admitted, and the cost shows in TPOT and
 preemptions instead. Policies: recompute (vLLM), swap (InferCept), migrate (Llumnix) on two
-replicas, and pp2, a static 2-stage pipeline (vLLM-PP) over the same two devices.
+replicas; pp2, a static 2-stage pipeline (vLLM-PP) over the same two devices; and kunserve
+(parameter-centric: the replicas merge into a pipeline when throttled, the duplicate
+parameters become KV, calm splits them again) with each exchange mode.
 
 Each policy gets a fresh server (`python -m kunlite serve --devices 2 --threads 1 ...`).
 TTFT is reported for the burst requests and for all; TPOT over every request that produced
@@ -42,6 +44,9 @@ POLICIES = {
     "swap": ["--overload-policy", "swap", "--swap-space", "2GiB"],
     "migrate": ["--overload-policy", "migrate"],
     "pp2": ["--pipeline-parallel", "2"],
+    "kunserve-stall": ["--overload-policy", "kunserve", "--exchange", "stall"],
+    "kunserve-remote": ["--overload-policy", "kunserve", "--exchange", "remote-attention"],
+    "kunserve-recompute": ["--overload-policy", "kunserve", "--exchange", "recompute"],
 }
 
 
@@ -97,22 +102,23 @@ def row(policy: str, scenario: str, result: dict, slos: dict[str, float]) -> str
     s = lambda v: "n/a" if v is None else f"{v / 1e3:.2f}"  # noqa: E731 - ms -> s
     return (f"| {policy} | {scenario} | {s(ttft['p50_ttft_ms'])} | {s(ttft['p99_ttft_ms'])} | {s(a['p99_ttft_ms'])} | "
             f"{s(a['p50_tpot_ms'])} | {s(a['p99_tpot_ms'])} | {a['request_goodput']:.2f} | {a['completed']} | "
-            f"{a['failed'] + a['rejected']} | {c['preemptions']:.0f} | {c['swaps_out']:.0f} | {c['migrations']:.0f} |")
+            f"{a['failed'] + a['rejected']} | {c['preemptions']:.0f} | {c['swaps_out']:.0f} | {c['migrations']:.0f} | "
+            f"{c['drops']:.0f} |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None)
-    p.add_argument("--policies", default="recompute,swap,migrate,pp2")
+    p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--scenarios", default="burst,at-once")
-    p.add_argument("--device-memory", default="300MiB")
+    p.add_argument("--device-memory", default="284MiB")
     p.add_argument("--max-model-len", type=int, default=1024)
-    p.add_argument("--long", type=int, default=8, help="long generations (burst scenario)")
-    p.add_argument("--long-prompt", type=int, default=48)
-    p.add_argument("--long-tokens", type=int, default=320)
+    p.add_argument("--long", type=int, default=4, help="long generations (burst scenario)")
+    p.add_argument("--long-prompt", type=int, default=100)
+    p.add_argument("--long-tokens", type=int, default=180)
     p.add_argument("--burst", type=int, default=24, help="burst requests")
-    p.add_argument("--burst-prompt", type=int, default=150)
-    p.add_argument("--burst-tokens", type=int, default=32)
+    p.add_argument("--burst-prompt", type=int, default=48)
+    p.add_argument("--burst-tokens", type=int, default=48)
     p.add_argument("--burst-at", type=float, default=4.0, help="seconds after the long generations start")
     p.add_argument("--burst-rate", type=float, default=12.0, help="burst arrivals per second")
     p.add_argument("--burstiness", type=float, default=0.5, help="gamma shape: below 1 is burstier than Poisson")
@@ -150,8 +156,8 @@ def main() -> None:
           f"{(time.time() - began) / 60:.1f} min; 2 workers x 1 thread, --device-memory {args.device_memory}; "
           f"SLOs: TTFT <= {args.slo_ttft:g} s, TPOT <= {args.slo_tpot:g} s")
     print("| policy | scenario | burst TTFT P50 (s) | burst TTFT P99 (s) | all TTFT P99 (s) | TPOT P50 (s) | "
-          "TPOT P99 (s) | goodput (req/s) | completed | failed | preemptions | swaps | migrations |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "TPOT P99 (s) | goodput (req/s) | completed | failed | preemptions | swaps | migrations | drops |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))

@@ -105,6 +105,9 @@ class Instance:
         self.scratch: dict[int, int] | None = None
         self.remote_serves: list[tuple[int, RemoteServe]] = []  # (holder rank, what to serve): taken by the caller
         self.remote_calls = 0  # (step, stage, holder) remote attention exchanges planned
+        self.first_planned: float | None = None  # perf_counter of its first own step: plan and commit
+        self.first_committed: float | None = None
+        self._own_steps: set[int] = set()
 
     # ------------------------------------------------------------------ requests
 
@@ -210,6 +213,9 @@ class Instance:
         prefill = sum(n for _, n in sched.scheduled if n > 1)
         self.flights[step_id] = _Flight(sched, sampled, self.members[-1].rank, time.perf_counter(), prefill,
                                         sched.num_batched_tokens - prefill)
+        if self.first_planned is None:
+            self.first_planned = time.perf_counter()
+            self._own_steps.add(step_id)
         return works
 
     def _page_table(self, m: Member, sched: SchedulerOutput, remote: set[int] = frozenset()) -> np.ndarray:
@@ -274,6 +280,8 @@ class Instance:
     def commit(self, done: StageDone) -> list[RequestOutput]:
         """The last member finished step `done.step_id`: apply its tokens."""
         flight = self.flights.pop(done.step_id)
+        if done.step_id in self._own_steps and self.first_committed is None:
+            self.first_committed = time.perf_counter()
         sched = flight.sched
         for seq, n in sched.scheduled:
             seq.num_computed_tokens += n

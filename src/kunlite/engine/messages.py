@@ -92,8 +92,10 @@ class DeviceStats(msgspec.Struct, frozen=True):
 
 class InstanceStats(msgspec.Struct, frozen=True):
     """One instance (a replica, or a pipeline group): its queue, its KV in blocks, its devices.
-    State: serving | degraded (a member died; its requests failed) | restarting (a member is
-    being replaced; communication is being re-formed)."""
+    State: serving (a replica, or a static pipeline) | exchanging (a group just merged by the
+    parameter-centric policy, moving its requests' KV) | pipeline (a merged group, every
+    request placed) | restoring (splitting back into replicas) | degraded (a member died; its
+    requests failed) | restarting (a member is being replaced; communication is re-formed)."""
 
     id: int
     state: str
@@ -104,6 +106,8 @@ class InstanceStats(msgspec.Struct, frozen=True):
     waiting_blocks: int  # blocks the waiting requests need for their prompts
     page_size: int
     devices: list[DeviceStats] = []
+    exchange_left: int = 0  # requests whose KV is still to move (a merged group)
+    exchanged_bytes: int = 0  # moved so far by this group's exchange
 
 
 class EngineStats(msgspec.Struct, frozen=True):

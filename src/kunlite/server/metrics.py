@@ -21,6 +21,7 @@ from kunlite.engine.messages import EngineStats
 FINISH_REASONS = ("stop", "length", "abort")
 REJECT_REASONS = ("slo_ttft", "slo_tpot", "queue_requests", "queue_tokens", "deadline")  # admission's, the shedder's
 ABORT_REASONS = ("client_disconnect", "header_timeout", "body_timeout")  # before a response began
+INSTANCE_STATES = ("serving", "exchanging", "pipeline", "restoring", "degraded", "restarting")
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                     10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 _REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
@@ -86,7 +87,15 @@ class ServerMetrics:
             ("migration_pause_seconds", "Seconds migrating requests were paused for their last copy."),
             ("num_migrations_aborted", "Migrations abandoned (a side failed or the request ended)."),
             ("num_worker_deaths", "Device workers that died."),
+            ("num_drops", "Parameter-centric drops: replicas merged into a pipeline, duplicate parameters made KV."),
+            ("num_restores", "Merged groups split back into replicas (dropped parameters restored)."),
+            ("exchanged_bytes", "Bytes of KV moved by the exchanges after drops."),
+            ("remote_attention_calls", "Layers of steps whose attention ran on the device holding the KV."),
         )}
+        self._state_seconds = Counter("kunlite:instance_state_seconds",
+                                      "Instance-seconds spent in each state (serving, exchanging, pipeline, "
+                                      "restoring, degraded, restarting).", m + ["state"], registry=r)
+        self._state_seen: dict[str, float] = {}
         self._overload_seen: dict[str, float] = {}
         self._aborted = Counter("kunlite:requests_aborted",
                                 "Requests that ended before their response began, by reason: the client went away "
@@ -110,6 +119,8 @@ class ServerMetrics:
             self._rejected.labels(model_name, reason)
         for reason in ABORT_REASONS:
             self._aborted.labels(model_name, reason)
+        for state in INSTANCE_STATES:
+            self._state_seconds.labels(model_name, state)
         for counter in self._overload.values():
             counter.labels(model_name)
         self._prompt_tokens = self._prompt.labels(model_name)
@@ -151,6 +162,11 @@ class ServerMetrics:
             if total > self._overload_seen.get(name, 0.0):
                 counter.labels(self.model_name).inc(total - self._overload_seen.get(name, 0.0))
                 self._overload_seen[name] = total
+        for state, seconds in stats.state_seconds_total.items():
+            seen = self._state_seen.get(state, 0.0)
+            if seconds > seen:
+                self._state_seconds.labels(self.model_name, state).inc(seconds - seen)
+                self._state_seen[state] = seconds
         self._set_devices(stats)
 
     def _set_devices(self, stats: EngineStats) -> None:

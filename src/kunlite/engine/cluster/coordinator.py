@@ -500,8 +500,9 @@ class Cluster:
                                        m.layers, w.state == "ready", w.ready.param_bytes if w.ready else 0,
                                        m.kv.num_used_pages * pb, m.kv.num_kv_pages * pb))
         load = next(x for x in self.loads() if x.id == inst.id)
+        left, moved = self.elastic.progress(inst) if self.elastic is not None else (0, 0)
         return InstanceStats(inst.id, self.states[inst.id], load.running, load.waiting, load.used_blocks,
-                             load.total_blocks, load.waiting_blocks, self.config.cache.page_size, devices)
+                             load.total_blocks, load.waiting_blocks, self.config.cache.page_size, devices, left, moved)
 
     def take_timings(self) -> list[StepTiming]:
         return [msgspec.structs.replace(t, instance=i.id) for i in self.instances.values() for t in i.take_timings()]

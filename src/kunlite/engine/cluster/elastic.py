@@ -57,6 +57,8 @@ class GroupRecord:
     exchanged_bytes: int = 0
     restore_began: float = 0.0
     restore_requested: bool = False  # split as soon as the chunk in flight lands
+    decided: float = 0.0  # perf_counter when the merge was decided
+    first_step_seen: bool = False
     state_before: str = "pipeline"  # to go back to when a restore must wait
     survivors: set[int] = field(default_factory=set)  # members alive when the group failed
 
@@ -74,7 +76,10 @@ class Elastic:
         self.model_bytes = self._model_bytes()
         self.num_layers = cfg.num_layers
         self.counters = {"drops": 0, "restores": 0, "exchanged_bytes": 0, "remote_attention_calls": 0}
-        self.timings: dict[str, list[float]] = {"drop_to_serving_s": [], "restore_s": [], "exchange_s": []}
+        # drop_s: the decision to the merged group serving (accounting moved, devices told);
+        # drop_to_first_step_*: to its first step planned (sent) and committed (done).
+        self.timings: dict[str, list[float]] = {"drop_s": [], "drop_to_first_step_planned_s": [],
+                                                "drop_to_first_step_done_s": [], "restore_s": [], "exchange_s": []}
         self._transfers: dict[int, tuple[int, int]] = {}  # transfer id -> (group id, receiving rank)
         self.seconds: dict[str, float] = {}  # instance-seconds per state
         self._last_tick = time.monotonic()
@@ -107,6 +112,10 @@ class Elastic:
                 continue
             if state not in ("pipeline", "exchanging"):
                 continue
+            if not rec.first_step_seen and inst.first_committed is not None:
+                rec.first_step_seen = True
+                self.timings["drop_to_first_step_planned_s"].append(inst.first_planned - rec.decided)
+                self.timings["drop_to_first_step_done_s"].append(inst.first_committed - rec.decided)
             if rec.restore_requested and not rec.pending:
                 if self._restore(gid, rec, inst) or self.c.states.get(gid) == "restoring":
                     continue  # split, or waiting for its steps in flight
@@ -195,9 +204,10 @@ class Elastic:
         if self.mode == "recompute":
             self._requeue_unplaced(group)
         self.groups[gid] = GroupRecord(merge, time.monotonic(), CalmWatch(self.trigger))
+        self.groups[gid].decided = started
         self.counters["drops"] += 1
         took = time.perf_counter() - started
-        self.timings["drop_to_serving_s"].append(took)
+        self.timings["drop_s"].append(took)
         c.events.append(ClusterEvent(time.time(), "drop", gid, f"devices {list(merge.ranks)} as a pipeline "
                                      f"{list(merge.layers)}; {len(old)} requests to exchange"))
         log.info("drop: instances %s merged into a %d-stage pipeline %s in %.1f ms (%d requests to exchange)",
@@ -447,8 +457,12 @@ class Elastic:
             out.append(c.make_instance(g.id, [Member(rank, full, c.kv_of[rank])]))
         return out
 
-    def stats(self) -> dict[str, Any]:
-        return dict(self.counters)
+    def progress(self, inst: Instance) -> tuple[int, int]:
+        """(requests whose KV is still to move, bytes moved) of a merged group; zeros otherwise."""
+        rec = self.groups.get(inst.id)
+        if rec is None:
+            return 0, 0
+        return sum(1 for s in _seqs(inst) if not inst.placed(s)), rec.exchanged_bytes
 
 
 def _seqs(inst: Instance) -> list[Sequence]:
