@@ -53,7 +53,7 @@ POLICIES = {
 def start(model: str, args: argparse.Namespace, policy: list[str], log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port("127.0.0.1")
     cmd = [sys.executable, "-m", "kunlite", "serve", "--model", model, "--served-model-name", SERVED, "--port",
-           str(port), "--devices", "2",
+           str(port), "--devices", "2", "--dtype", "float32",
            "--threads", "1", "--device-memory", args.device_memory, "--max-model-len", str(args.max_model_len),
            "--no-access-log", *policy]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT,

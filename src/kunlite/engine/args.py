@@ -52,6 +52,7 @@ class EngineOptions:
     drop_usage: float = 0.95  # kunserve: throttled at this KV use (and a queue that cannot fit)
     calm_fraction: float = 0.5  # kunserve: calm under this share of the undropped capacity
     calm_window: float = 5.0  # kunserve: ... for this many seconds without growth
+    microbatch: str = "balanced"  # how a pipeline splits its work: balanced (by predicted cost) or even
 
     def check_cluster(self) -> None:
         """The cluster flags that can be judged before anything starts (ConfigError)."""
@@ -163,6 +164,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--exchange", default="stall", choices=EXCHANGE_MODES,
                    help="kunserve: what running requests do while their KV moves to the member that now runs its "
                         "layers: stall (pause), remote-attention (keep decoding), recompute (prefill again)")
+    c.add_argument("--microbatch", default="balanced", choices=["balanced", "even"],
+                   help="how a pipeline instance splits its work into microbatches: of balanced predicted cost "
+                        "(a model fitted from its own steps), or an even share of sequences and tokens")
     c.add_argument("--drop-usage", type=float, default=0.95,
                    help="kunserve: an instance is throttled at this KV use if its queue cannot fit")
     c.add_argument("--calm-fraction", type=float, default=0.5,

@@ -30,6 +30,7 @@ from kunlite.config import SchedulerConfig
 from kunlite.engine.block_manager import BlockManager
 from kunlite.engine.group_kv import GroupKV
 from kunlite.engine.messages import ClusterEvent, EngineRequest, RequestOutput, StepTiming, TokenLogprobs
+from kunlite.engine.microbatch import BubbleMeter, OnlineStepCost
 from kunlite.engine.preemption import PreemptionPolicy
 from kunlite.engine.scheduler import Scheduler, SchedulerOutput, child_params
 from kunlite.engine.sequence import Sequence, SeqStatus
@@ -80,12 +81,14 @@ class _Flight:
     started: float  # time.perf_counter() at plan
     prefill: int
     decode: int
+    shape: list[tuple[int, int]]  # (new tokens, context) per sequence: the cost model's sample
+    slowest: float = 0.0  # the slowest stage's compute seconds so far
 
 
 class Instance:
     def __init__(self, iid: int, members: list[Member], config: SchedulerConfig, policy: PreemptionPolicy,
                  eos: frozenset[int], max_model_len: int, *, priority_order: bool = False,
-                 step_ids: Iterator[int] | None = None) -> None:
+                 step_ids: Iterator[int] | None = None, microbatch: str = "balanced") -> None:
         self.id = iid
         self.members = members
         self.config = config
@@ -105,6 +108,9 @@ class Instance:
         self.scratch: dict[int, int] | None = None
         self.remote_serves: list[tuple[int, RemoteServe]] = []  # (holder rank, what to serve): taken by the caller
         self.remote_calls = 0  # (step, stage, holder) remote attention exchanges planned
+        self.microbatch = microbatch  # how a pipeline splits its work: balanced (by cost) or even
+        self.step_cost = OnlineStepCost()
+        self.bubbles = BubbleMeter(len(members))
         self.first_planned: float | None = None  # perf_counter of its first own step: plan and commit
         self.first_committed: float | None = None
         self._own_steps: set[int] = set()
@@ -177,10 +183,15 @@ class Instance:
     def plan(self) -> list[StageWork] | None:
         """Schedule the next microbatch; one StageWork per member, or None if nothing can run."""
         K = self.num_stages
-        budget = max(self.config.max_num_batched_tokens // K, 1)
-        # Each microbatch takes an even share of the running sequences (in flight or not).
-        share = max(math.ceil(len(self.scheduler.running) / K), 1) if K > 1 else None
-        sched = self.scheduler.schedule(budget=budget, max_running=share)
+        if K > 1 and self.microbatch == "balanced":
+            # Look ahead: a microbatch carries a K-th of the predicted cost of what could run now.
+            sched = self.scheduler.schedule(cost=self.step_cost.predict,
+                                            cost_limit=self.step_cost.predict(self._round()) / K)
+        else:
+            # Each microbatch takes an even share of the running sequences and of the budget.
+            budget = max(self.config.max_num_batched_tokens // K, 1)
+            share = max(math.ceil(len(self.scheduler.running) / K), 1) if K > 1 else None
+            sched = self.scheduler.schedule(budget=budget, max_running=share)
         now = time.time()
         for seq in sched.preempted:
             kind = "swap_out" if seq.status is SeqStatus.SWAPPED else "preemption"
@@ -211,8 +222,11 @@ class Instance:
                 samples=rows if i == K - 1 else [], copies=PageMoves(src.tolist(), dst.tolist()),
                 swap_out=swap_out, swap_in=swap_in, remote=remote))
         prefill = sum(n for _, n in sched.scheduled if n > 1)
-        self.flights[step_id] = _Flight(sched, sampled, self.members[-1].rank, time.perf_counter(), prefill,
-                                        sched.num_batched_tokens - prefill)
+        now = time.perf_counter()
+        self.bubbles.started(now)
+        self.flights[step_id] = _Flight(sched, sampled, self.members[-1].rank, now, prefill,
+                                        sched.num_batched_tokens - prefill,
+                                        [(n, s.num_computed_tokens) for s, n in sched.scheduled])
         if self.first_planned is None:
             self.first_planned = time.perf_counter()
             self._own_steps.add(step_id)
@@ -264,6 +278,31 @@ class Instance:
             self.remote_calls += m.layers[1] - m.layers[0]
         return out
 
+    def _round(self) -> list[tuple[int, int]]:
+        """What the scheduler could run now, with the whole budget: the next token of every
+        running sequence not in flight, then the queue's prompts in order."""
+        out, budget = [], self.config.max_num_batched_tokens
+        for s in self.scheduler.running:
+            if not s.in_flight and not s.paused and budget > 0:
+                n = min(s.num_uncomputed, budget)
+                out.append((n, s.num_computed_tokens))
+                budget -= n
+        for s in self.scheduler.waiting:
+            if budget <= 0:
+                break
+            n = min(s.num_tokens, budget)
+            out.append((n, 0))
+            budget -= n
+        return out or [(1, 0)]
+
+    def observe_stage(self, done: StageDone) -> None:
+        """A member finished its share of a step: its compute time counts for the cost model
+        and the bubble meter."""
+        flight = self.flights.get(done.step_id)
+        if flight is not None:
+            flight.slowest = max(flight.slowest, done.seconds)
+            self.bubbles.stage_done(done.seconds)
+
     def _sample_rows(self, sched: SchedulerOutput, sampled: list[Sequence]) -> list[SampleRow]:
         """One row per sampled sequence, then one per extra choice forked in this step (in the
         order `Scheduler.fork_children` will create them), sharing its parent's logits."""
@@ -279,7 +318,11 @@ class Instance:
 
     def commit(self, done: StageDone) -> list[RequestOutput]:
         """The last member finished step `done.step_id`: apply its tokens."""
+        self.observe_stage(done)
         flight = self.flights.pop(done.step_id)
+        self.step_cost.observe(flight.shape, flight.slowest)
+        if not self.flights:
+            self.bubbles.idle(time.perf_counter())
         if done.step_id in self._own_steps and self.first_committed is None:
             self.first_committed = time.perf_counter()
         sched = flight.sched

@@ -108,6 +108,7 @@ class InstanceStats(msgspec.Struct, frozen=True):
     devices: list[DeviceStats] = []
     exchange_left: int = 0  # requests whose KV is still to move (a merged group)
     exchanged_bytes: int = 0  # moved so far by this group's exchange
+    bubble_fraction: float = 0.0  # a pipeline's stage idle time over its busy wall time
 
 
 class EngineStats(msgspec.Struct, frozen=True):

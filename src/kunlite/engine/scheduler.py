@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -119,14 +120,23 @@ class Scheduler:
 
     # ------------------------------------------------------------------ one step
 
-    def schedule(self, budget: int | None = None, max_running: int | None = None) -> SchedulerOutput:
+    def schedule(self, budget: int | None = None, max_running: int | None = None,
+                 cost: Callable[[list[tuple[int, int]]], float] | None = None,
+                 cost_limit: float | None = None) -> SchedulerOutput:
         """One step: `budget` tokens (default: the configured budget), of which at most
         `max_running` go to running sequences (a pipeline splits its decodes over microbatches);
-        the rest of the budget admits waiting ones."""
+        the rest of the budget admits waiting ones. With `cost` (seconds of a batch of
+        (new tokens, context) pairs) the step stops growing at `cost_limit` (it always takes one
+        sequence): a pipeline's microbatches of balanced cost."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens if budget is None else budget
         seats = max_running if max_running is not None else self.config.max_num_seqs
         chunked = self.config.enable_chunked_prefill
+        shape: list[tuple[int, int]] = []  # (q, c) of what is scheduled so far
+
+        def too_costly(seq: Sequence, n: int, context: int) -> bool:
+            return (cost is not None and cost_limit is not None and bool(shape)
+                    and cost(shape + [(n, context)]) > cost_limit)
 
         # 1. Running sequences, oldest first.
         for seq in list(self.running):
@@ -137,9 +147,12 @@ class Scheduler:
             n = min(seq.num_uncomputed, budget) if chunked else seq.num_uncomputed
             if n > budget:
                 continue
+            if too_costly(seq, n, seq.num_computed_tokens):
+                break
             if not self._make_room(seq, n, out):
                 continue
             out.scheduled.append((seq, n))
+            shape.append((n, seq.num_computed_tokens))
             budget -= n
 
         # 2. Swapped-out sequences come back (into fresh blocks, their KV copied in) before any
@@ -170,7 +183,8 @@ class Scheduler:
             elif n > budget:
                 break
             total = cached + n
-            if not self.kv.can_allocate(seq.seq_id, total, hits, self._fork_blocks(seq, total)):
+            if too_costly(seq, n, cached) or not self.kv.can_allocate(seq.seq_id, total, hits,
+                                                                      self._fork_blocks(seq, total)):
                 break
             self.waiting.pop(0)
             self.kv.allocate(seq.seq_id, total, hits)
@@ -180,6 +194,7 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append((seq, n))
+            shape.append((n, cached))
             budget -= n
 
         for seq, n in out.scheduled:

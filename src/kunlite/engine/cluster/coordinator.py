@@ -174,7 +174,8 @@ class Cluster:
     def make_instance(self, iid: int, members: list[Member]) -> Instance:
         slots = [self._assignment(m.rank).swap_slots for m in members]
         return Instance(iid, members, self.config.scheduler, make_policy(self.config.scheduler.preemption_mode, slots),
-                        self.eos, self.max_model_len, priority_order=self.priority_order, step_ids=self.step_ids)
+                        self.eos, self.max_model_len, priority_order=self.priority_order, step_ids=self.step_ids,
+                        microbatch=self.options.microbatch)
 
     def _new_instance(self, iid: int, ranks: list[int]) -> Instance:
         members = []
@@ -331,9 +332,11 @@ class Cluster:
         if isinstance(msg, Heartbeat):
             return
         if isinstance(msg, StageDone):
-            inst = next((i for i in self.instances.values() if i.commits(msg)), None)
-            if inst is not None:
+            inst = next((i for i in self.instances.values() if msg.step_id in i.flights), None)
+            if inst is not None and inst.commits(msg):
                 outputs.extend(inst.commit(msg))
+            elif inst is not None:
+                inst.observe_stage(msg)  # a stage before the last
         elif isinstance(msg, Hello):
             if w.state == "ready":
                 self._death(w, "it started again", outputs)
@@ -502,7 +505,8 @@ class Cluster:
         load = next(x for x in self.loads() if x.id == inst.id)
         left, moved = self.elastic.progress(inst) if self.elastic is not None else (0, 0)
         return InstanceStats(inst.id, self.states[inst.id], load.running, load.waiting, load.used_blocks,
-                             load.total_blocks, load.waiting_blocks, self.config.cache.page_size, devices, left, moved)
+                             load.total_blocks, load.waiting_blocks, self.config.cache.page_size, devices, left, moved,
+                             inst.bubbles.fraction(time.perf_counter()) if len(inst.members) > 1 else 0.0)
 
     def take_timings(self) -> list[StepTiming]:
         return [msgspec.structs.replace(t, instance=i.id) for i in self.instances.values() for t in i.take_timings()]
