@@ -6,8 +6,8 @@ on the same workload and KV budget; one table at the end.
 
 KunServe's setting (`burst`): long generations (chain-of-thought-like, hundreds of tokens) hold
 most of the KV when a burst of short requests arrives (gamma arrivals, or the rows of a
-BurstGPT-format CSV with --trace). 284 MiB per device leaves 608 KV tokens per worker next to
-SmolLM2's fp32 parameters (1,216 in all), and the burst needs about twice that. `at-once`: every
+BurstGPT-format CSV with --trace). 271 MiB per device leaves 624 KV tokens per worker next to
+SmolLM2's bf16 parameters (1,248 in all), and the burst needs about twice that. `at-once`: every
 request at t = 0 with a short prompt: all are admitted, and the cost shows in TPOT and
 preemptions instead. Policies: recompute (vLLM), swap (InferCept), migrate (Llumnix) on two
 replicas; pp2, a static 2-stage pipeline (vLLM-PP) over the same two devices; and kunserve
@@ -53,7 +53,7 @@ POLICIES = {
 def start(model: str, args: argparse.Namespace, policy: list[str], log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port("127.0.0.1")
     cmd = [sys.executable, "-m", "kunlite", "serve", "--model", model, "--served-model-name", SERVED, "--port",
-           str(port), "--devices", "2", "--dtype", "float32",
+           str(port), "--devices", "2", "--dtype", "bfloat16",
            "--threads", "1", "--device-memory", args.device_memory, "--max-model-len", str(args.max_model_len),
            "--no-access-log", *policy]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT,
@@ -111,7 +111,7 @@ def main() -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--scenarios", default="burst,at-once")
-    p.add_argument("--device-memory", default="284MiB")
+    p.add_argument("--device-memory", default="271MiB")
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--long", type=int, default=4, help="long generations (burst scenario)")
     p.add_argument("--long-prompt", type=int, default=100)

@@ -24,7 +24,7 @@ from kunlite.sampling_params import SamplingParams
 
 
 def run(mode: str, args: argparse.Namespace) -> dict[str, float]:
-    c = Cluster(EngineOptions(devices=2, pipeline_parallel=2, threads=1, device_memory=args.device_memory, dtype="float32",
+    c = Cluster(EngineOptions(devices=2, pipeline_parallel=2, threads=1, device_memory=args.device_memory, dtype="bfloat16",
                               max_model_len=1024, microbatch=mode))
     try:
         rng = np.random.default_rng(0)

@@ -81,6 +81,7 @@ class Elastic:
         self.timings: dict[str, list[float]] = {"drop_s": [], "drop_to_first_step_planned_s": [],
                                                 "drop_to_first_step_done_s": [], "restore_s": [], "exchange_s": []}
         self._transfers: dict[int, tuple[int, int]] = {}  # transfer id -> (group id, receiving rank)
+        self.transfer_log: list[tuple[int, float]] = []  # (bytes, seconds on the receiver) per exchange copy
         self.seconds: dict[str, float] = {}  # instance-seconds per state
         self._last_tick = time.monotonic()
 
@@ -277,6 +278,7 @@ class Elastic:
             return True  # the worker's death follows; the group's requests fail with it
         rec.exchanged_bytes += msg.num_bytes
         self.counters["exchanged_bytes"] += msg.num_bytes
+        self.transfer_log.append((msg.num_bytes, msg.seconds))
         if not rec.pending:
             self._land_chunk(gid, rec)
         return True
