@@ -112,7 +112,7 @@ def main() -> None:
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--scenarios", default="burst,at-once")
     p.add_argument("--device-memory", default="271MiB")
-    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--long", type=int, default=4, help="long generations (burst scenario)")
     p.add_argument("--long-prompt", type=int, default=100)
     p.add_argument("--long-tokens", type=int, default=180)

@@ -20,7 +20,6 @@ import itertools
 from collections.abc import Iterator
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 
 from kunlite.config import SchedulerConfig
 from kunlite.engine.block_manager import BlockManager
+from kunlite.engine.clock import REAL, Clock
 from kunlite.engine.group_kv import GroupKV
 from kunlite.engine.messages import ClusterEvent, EngineRequest, RequestOutput, StepTiming, TokenLogprobs
 from kunlite.engine.microbatch import BubbleMeter, OnlineStepCost
@@ -78,7 +78,7 @@ class _Flight:
     sched: SchedulerOutput
     sampled: list[Sequence]  # sequences whose last token is sampled, in sample-row order
     last_rank: int  # the member whose StageDone commits it
-    started: float  # time.perf_counter() at plan
+    started: float  # clock.now() at plan
     prefill: int
     decode: int
     shape: list[tuple[int, int]]  # (new tokens, context) per sequence: the cost model's sample
@@ -88,8 +88,9 @@ class _Flight:
 class Instance:
     def __init__(self, iid: int, members: list[Member], config: SchedulerConfig, policy: PreemptionPolicy,
                  eos: frozenset[int], max_model_len: int, *, priority_order: bool = False,
-                 step_ids: Iterator[int] | None = None, microbatch: str = "balanced") -> None:
+                 step_ids: Iterator[int] | None = None, microbatch: str = "balanced", clock: Clock = REAL) -> None:
         self.id = iid
+        self.clock = clock
         self.members = members
         self.config = config
         self.kv = GroupKV([m.kv for m in members])
@@ -192,7 +193,7 @@ class Instance:
             budget = max(self.config.max_num_batched_tokens // K, 1)
             share = max(math.ceil(len(self.scheduler.running) / K), 1) if K > 1 else None
             sched = self.scheduler.schedule(budget=budget, max_running=share)
-        now = time.time()
+        now = self.clock.wall()
         for seq in sched.preempted:
             kind = "swap_out" if seq.status is SeqStatus.SWAPPED else "preemption"
             self.events.append(ClusterEvent(now, kind, self.id, seq.seq_id))
@@ -222,13 +223,13 @@ class Instance:
                 samples=rows if i == K - 1 else [], copies=PageMoves(src.tolist(), dst.tolist()),
                 swap_out=swap_out, swap_in=swap_in, remote=remote))
         prefill = sum(n for _, n in sched.scheduled if n > 1)
-        now = time.perf_counter()
+        now = self.clock.now()
         self.bubbles.started(now)
         self.flights[step_id] = _Flight(sched, sampled, self.members[-1].rank, now, prefill,
                                         sched.num_batched_tokens - prefill,
                                         [(n, s.num_computed_tokens) for s, n in sched.scheduled])
         if self.first_planned is None:
-            self.first_planned = time.perf_counter()
+            self.first_planned = self.clock.now()
             self._own_steps.add(step_id)
         return works
 
@@ -322,9 +323,9 @@ class Instance:
         flight = self.flights.pop(done.step_id)
         self.step_cost.observe(flight.shape, flight.slowest)
         if not self.flights:
-            self.bubbles.idle(time.perf_counter())
+            self.bubbles.idle(self.clock.now())
         if done.step_id in self._own_steps and self.first_committed is None:
-            self.first_committed = time.perf_counter()
+            self.first_committed = self.clock.now()
         sched = flight.sched
         for seq, n in sched.scheduled:
             seq.num_computed_tokens += n
@@ -349,7 +350,7 @@ class Instance:
                     self.scheduler.finish(seq, "abort")
                     outputs.append(output_of(seq, []))
         context = sum(s.num_computed_tokens for s, _ in sched.scheduled)  # KV lengths after the step
-        self.timings.append(StepTiming(flight.prefill, flight.decode, context, time.perf_counter() - flight.started))
+        self.timings.append(StepTiming(flight.prefill, flight.decode, context, self.clock.now() - flight.started))
         return outputs
 
     def swap_counters(self, page_bytes: int) -> dict[str, int]:

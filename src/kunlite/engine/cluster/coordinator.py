@@ -30,6 +30,7 @@ import zmq
 from kunlite.config import ConfigError
 from kunlite.engine.args import EngineOptions
 from kunlite.engine.block_manager import BlockManager
+from kunlite.engine.clock import REAL, Clock
 from kunlite.engine.cluster import launch
 from kunlite.engine.cluster.dispatch import InstanceLoad, blocks_for, choose_instance
 from kunlite.engine.cluster.launch import WorkerState
@@ -54,22 +55,13 @@ DOWN = ("degraded", "restarting")  # a member died: the instance waits for it to
 
 
 class Cluster:
+    clock: Clock = REAL  # what the policies read; a simulation's cluster sets a virtual one
+
     def __init__(self, options: EngineOptions, *, priority_order: bool = False, log_level: str = "info") -> None:
-        self.options = options
-        self.config = options.build()
-        options.check_cluster()
-        cfg, model = options, self.config.model
-        N, K = cfg.devices, cfg.pipeline_parallel
-        if K > model.num_layers:
-            raise ConfigError(f"--pipeline-parallel {K} exceeds the model's {model.num_layers} layers")
+        self._setup(options, priority_order, log_level)
+        cfg = options
+        N = cfg.devices
         local = N if cfg.local_devices is None else cfg.local_devices
-        self.stage_layers = launch.balanced_ranges(model.num_layers, K)
-        self.priority_order = priority_order
-        self.log_level = log_level
-        self.eos = eos_token_ids(self.config.model_dir)
-        self.max_model_len = self.config.max_model_len
-        self.policy_name = cfg.overload_policy
-        self.swap_bytes = self.config.cache.swap_space
         addr = cfg.master_addr
         port = cfg.master_port or launch.free_port(addr)
         try:
@@ -80,6 +72,33 @@ class Cluster:
         self.control: ControlServer[Any] = ControlServer(addr if addr != "0.0.0.0" else "0.0.0.0", 0, FromWorker)
         self.store.set(STORE_KEY_CONTROL, self.control.address.replace("0.0.0.0", _advertised(addr)))
         self.workers = {r: WorkerState(rank=r, local=r < local) for r in range(N)}
+        try:
+            for w in self.workers.values():
+                if w.local:
+                    self._spawn(w)
+            self._bring_up()
+        except BaseException:
+            self.shutdown()
+            raise
+        self._ready()
+
+    def _setup(self, options: EngineOptions, priority_order: bool, log_level: str) -> None:
+        """Everything but the workers: the policies' state."""
+        self.options = options
+        self.config = options.build()
+        options.check_cluster()
+        cfg, model = options, self.config.model
+        K = cfg.pipeline_parallel
+        if K > model.num_layers:
+            raise ConfigError(f"--pipeline-parallel {K} exceeds the model's {model.num_layers} layers")
+        self.stage_layers = launch.balanced_ranges(model.num_layers, K)
+        self.priority_order = priority_order
+        self.log_level = log_level
+        self.eos = eos_token_ids(self.config.model_dir)
+        self.max_model_len = self.config.max_model_len
+        self.policy_name = cfg.overload_policy
+        self.swap_bytes = self.config.cache.swap_space
+        self.workers: dict[int, WorkerState] = {}
         self.generation = -1
         self.instances: dict[int, Instance] = {}
         self.step_ids = itertools.count()  # shared: a merged group commits its parts' steps
@@ -93,26 +112,23 @@ class Cluster:
         self.replica_kv_tokens: dict[int, int] = {}  # KV tokens each device holds as a replica
         self.retired: dict[str, float] = {}  # cumulative counters of instances merged or split away
         self._transfer_ids = itertools.count()
-        self.migrator = (Migrator(self.send, self.config.cache.page_size, self.new_transfer_id)
+        self.migrator = (Migrator(self.send, self.config.cache.page_size, self.new_transfer_id, self.clock)
                          if cfg.overload_policy == "migrate" else None)
         self.elastic: Elastic | None = None
         self.quiescing = False  # no new steps: the world is about to be re-formed
         self._reforming: int | None = None  # the generation being formed
         self._reform_deadline = 0.0
         self._closed = False
-        try:
-            for w in self.workers.values():
-                if w.local:
-                    self._spawn(w)
-            self._bring_up()
-        except BaseException:
-            self.shutdown()
-            raise
+
+    def _ready(self) -> None:
+        """The workers are loaded and the instances built: start the policies that need them."""
+        cfg = self.options
         if cfg.overload_policy == "kunserve":
             self.elastic = Elastic(self, cfg.exchange, TriggerConfig(cfg.drop_usage, cfg.calm_fraction, cfg.calm_window))
         self.kv_capacity_tokens = sum(i.kv.num_total_blocks for i in self.instances.values()) * self.config.cache.page_size
         log.info("cluster ready: %d devices, %d instance(s) of %d stage(s) %s; KV capacity %d tokens",
-                 N, len(self.instances), K, self.stage_layers, self.kv_capacity_tokens)
+                 len(self.workers), len(self.instances), cfg.pipeline_parallel, self.stage_layers,
+                 self.kv_capacity_tokens)
 
     # ------------------------------------------------------------------ bring-up
 
@@ -155,6 +171,9 @@ class Cluster:
                 if w.state == "dead":
                     raise ConfigError(f"worker {w.rank} failed to start: {w.why}")
         self._form_first_generation()
+        self._build_instances()
+
+    def _build_instances(self) -> None:
         K = self.options.pipeline_parallel
         self.instances = {g: self._new_instance(g, list(range(g * K, g * K + K))) for g in range(len(self.workers) // K)}
         self.states = {i: "serving" for i in self.instances}
@@ -175,7 +194,7 @@ class Cluster:
         slots = [self._assignment(m.rank).swap_slots for m in members]
         return Instance(iid, members, self.config.scheduler, make_policy(self.config.scheduler.preemption_mode, slots),
                         self.eos, self.max_model_len, priority_order=self.priority_order, step_ids=self.step_ids,
-                        microbatch=self.options.microbatch)
+                        microbatch=self.options.microbatch, clock=self.clock)
 
     def _new_instance(self, iid: int, ranks: list[int]) -> Instance:
         members = []
@@ -506,7 +525,7 @@ class Cluster:
         left, moved = self.elastic.progress(inst) if self.elastic is not None else (0, 0)
         return InstanceStats(inst.id, self.states[inst.id], load.running, load.waiting, load.used_blocks,
                              load.total_blocks, load.waiting_blocks, self.config.cache.page_size, devices, left, moved,
-                             inst.bubbles.fraction(time.perf_counter()) if len(inst.members) > 1 else 0.0)
+                             inst.bubbles.fraction(self.clock.now()) if len(inst.members) > 1 else 0.0)
 
     def take_timings(self) -> list[StepTiming]:
         return [msgspec.structs.replace(t, instance=i.id) for i in self.instances.values() for t in i.take_timings()]

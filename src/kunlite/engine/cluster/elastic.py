@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +67,7 @@ class Elastic:
         if mode not in EXCHANGE_MODES:
             raise ValueError(f"--exchange must be one of {', '.join(EXCHANGE_MODES)}")
         self.c = cluster
+        self.clock = cluster.clock
         self.mode = mode
         self.trigger = trigger
         self.chunk = chunk
@@ -83,7 +83,7 @@ class Elastic:
         self._transfers: dict[int, tuple[int, int]] = {}  # transfer id -> (group id, receiving rank)
         self.transfer_log: list[tuple[int, float]] = []  # (bytes, seconds on the receiver) per exchange copy
         self.seconds: dict[str, float] = {}  # instance-seconds per state
-        self._last_tick = time.monotonic()
+        self._last_tick = self.clock.now()
 
     def _model_bytes(self) -> ModelBytes:
         ready = next(w.ready for w in self.c.workers.values() if w.ready)
@@ -98,7 +98,7 @@ class Elastic:
         return dict(self.seconds)
 
     def tick(self) -> None:
-        now = time.monotonic()
+        now = self.clock.now()
         for state in self.c.states.values():
             self.seconds[state] = self.seconds.get(state, 0.0) + now - self._last_tick
         self._last_tick = now
@@ -171,7 +171,7 @@ class Elastic:
         return ready.page_bytes * self.num_layers // self.c.config.cache.page_size
 
     def _merge(self, merge: Merge) -> None:
-        started = time.perf_counter()
+        started = self.clock.now()
         c = self.c
         parts = [c.instances[g.id] for g in merge.parts]
         members = []
@@ -204,12 +204,12 @@ class Elastic:
                 seq.paused = True  # never scheduled unplaced: recomputed, or paused until its KV has moved
         if self.mode == "recompute":
             self._requeue_unplaced(group)
-        self.groups[gid] = GroupRecord(merge, time.monotonic(), CalmWatch(self.trigger))
+        self.groups[gid] = GroupRecord(merge, self.clock.now(), CalmWatch(self.trigger))
         self.groups[gid].decided = started
         self.counters["drops"] += 1
-        took = time.perf_counter() - started
+        took = self.clock.now() - started
         self.timings["drop_s"].append(took)
-        c.events.append(ClusterEvent(time.time(), "drop", gid, f"devices {list(merge.ranks)} as a pipeline "
+        c.events.append(ClusterEvent(self.clock.wall(), "drop", gid, f"devices {list(merge.ranks)} as a pipeline "
                                      f"{list(merge.layers)}; {len(old)} requests to exchange"))
         log.info("drop: instances %s merged into a %d-stage pipeline %s in %.1f ms (%d requests to exchange)",
                  [g.id for g in merge.parts], len(members), list(merge.layers), took * 1e3, len(old))
@@ -306,7 +306,7 @@ class Elastic:
                 c.states[gid] = rec.state_before  # no room after all: serve on, try again later
             return False
         if c.states[gid] != "restoring":
-            rec.restore_began = time.perf_counter()
+            rec.restore_began = self.clock.now()
             rec.state_before = c.states[gid]
             c.states[gid] = "restoring"  # no new steps
         if inst.flights:
@@ -405,10 +405,10 @@ class Elastic:
             target = replicas[parts[i % len(parts)]]
             target.scheduler.waiting.append(seq)
             c.moved.append((seq.request_id, target.id))
-        took = time.perf_counter() - rec.restore_began
+        took = self.clock.now() - rec.restore_began
         self.timings["restore_s"].append(took)
         self.counters["restores"] += 1
-        c.events.append(ClusterEvent(time.time(), "restore", gid, f"split into instances {[g.id for g in rec.merge.parts]}"))
+        c.events.append(ClusterEvent(self.clock.wall(), "restore", gid, f"split into instances {[g.id for g in rec.merge.parts]}"))
         log.info("restore: group %d split back into %d replicas in %.1f ms", gid, len(parts), took * 1e3)
 
     def _homes(self, inst: Instance) -> dict[str, int]:

@@ -24,11 +24,11 @@ Only instances of the same shape (members with the same layer ranges) exchange r
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Any
 
+from kunlite.engine.clock import REAL, Clock
 from kunlite.engine.cluster.dispatch import InstanceLoad, freeness
 from kunlite.engine.cluster.messages import RecvPages, SendPages, TransferDone, TransferFailed
 from kunlite.engine.instance import Instance
@@ -95,8 +95,10 @@ class Migration:
 
 
 class Migrator:
-    def __init__(self, send: Callable[[int, Any], bool], page_size: int, new_id: Callable[[], int]) -> None:
+    def __init__(self, send: Callable[[int, Any], bool], page_size: int, new_id: Callable[[], int],
+                 clock: Clock = REAL) -> None:
         self.send = send
+        self.clock = clock
         self.page_size = page_size
         self.active: dict[int, Migration] = {}
         self._by_transfer: dict[int, tuple[Migration, int]] = {}  # transfer -> (migration, receiving rank)
@@ -158,7 +160,7 @@ class Migrator:
         if not mig.final:
             left = self._blocks(seq, final=True) - mig.copied
             if left <= FINAL_BLOCKS or mig.stages >= MAX_STAGES:
-                mig.final, seq.paused, mig.paused_at = True, True, time.monotonic()
+                mig.final, seq.paused, mig.paused_at = True, True, self.clock.now()
                 if seq.in_flight:
                     return  # its step commits first; advance() copies the rest then
         upto = self._blocks(seq, final=mig.final)
@@ -215,9 +217,9 @@ class Migrator:
         self.moved.append((seq.request_id, dst.id))
         self.num_done += 1
         self.bytes_moved += mig.num_bytes
-        self.pause_seconds += time.monotonic() - (mig.paused_at or time.monotonic())
+        self.pause_seconds += self.clock.now() - (mig.paused_at or self.clock.now())
         log.info("migrated %s to instance %d: %d stages, %d bytes", seq.seq_id, dst.id, mig.stages, mig.num_bytes)
-        self.events.append(ClusterEvent(time.time(), "migration", src.id,
+        self.events.append(ClusterEvent(self.clock.wall(), "migration", src.id,
                                         f"{seq.seq_id} to instance {dst.id}, {mig.num_bytes} bytes"))
 
     # ------------------------------------------------------------------ giving up
@@ -237,7 +239,7 @@ class Migrator:
         mig.seq.paused = False
         self.active.pop(mig.id, None)
         self.num_aborted += 1
-        self.events.append(ClusterEvent(time.time(), "migration_aborted", mig.src.id,
+        self.events.append(ClusterEvent(self.clock.wall(), "migration_aborted", mig.src.id,
                                         f"{mig.seq.seq_id}: {mig.aborting}"))
 
     def on_death(self, rank: int) -> None:
