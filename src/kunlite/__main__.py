@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("kunlite.cli", "generate text offline from a prompt"),
     "pull": ("kunlite.engine.pull", "fetch a model into the local cache (e.g. smollm2)"),
     "worker": ("kunlite.engine.cluster.device", "a device worker that joins a cluster (torchrun's env variables)"),
+    "simulate": ("kunlite.sim.cli", "what each overload policy would do to a trace on a cluster (virtual time)"),
     "bench": ("kunlite.bench.cli", "benchmarks: `bench serve` drives any OpenAI-compatible server"),
     "profile": ("kunlite.sim.profile", "time engine steps over a grid and fit the step cost model"),
 }

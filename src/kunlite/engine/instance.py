@@ -187,7 +187,7 @@ class Instance:
         if K > 1 and self.microbatch == "balanced":
             # Look ahead: a microbatch carries a K-th of the predicted cost of what could run now.
             sched = self.scheduler.schedule(cost=self.step_cost.predict,
-                                            cost_limit=self.step_cost.predict(self._round()) / K)
+                                            cost_limit=self.step_cost.share(self._round(), K))
         else:
             # Each microbatch takes an even share of the running sequences and of the budget.
             budget = max(self.config.max_num_batched_tokens // K, 1)
@@ -280,12 +280,13 @@ class Instance:
         return out
 
     def _round(self) -> list[tuple[int, int]]:
-        """What the scheduler could run now, with the whole budget: the next token of every
-        running sequence not in flight, then the queue's prompts in order."""
+        """A round of the pipeline's work: the next tokens of every running sequence (in flight
+        or not: each microbatch carries its share of all of them), then the queue's prompts in
+        order, within the whole budget."""
         out, budget = [], self.config.max_num_batched_tokens
         for s in self.scheduler.running:
-            if not s.in_flight and not s.paused and budget > 0:
-                n = min(s.num_uncomputed, budget)
+            if not s.paused and budget > 0:
+                n = min(max(s.num_uncomputed, 1), budget)
                 out.append((n, s.num_computed_tokens))
                 budget -= n
         for s in self.scheduler.waiting:

@@ -46,6 +46,12 @@ class OnlineStepCost:
             self.weights = fit_weights([b for b, _ in self.samples], [s for _, s in self.samples])
             self._since_fit = 0
 
+    def share(self, batch: Batch, parts: int) -> float:
+        """The cost of one of `parts` microbatches that split `batch`: each pays the per-step
+        constant, and a part of the rest."""
+        fixed = self.weights.per_step if self.weights is not None else 0.0
+        return (self.predict(batch) - fixed) / parts + fixed
+
     def predict(self, batch: Batch) -> float:
         """Seconds (or, before a fit, a token count) of one step of `batch`."""
         if self.weights is None:

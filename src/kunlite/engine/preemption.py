@@ -75,7 +75,6 @@ class SwapPolicy:
 
     slots: list[int]
     name: str = "swap"
-    free: list[list[int]] = field(init=False)
     held: dict[str, _Held] = field(default_factory=dict)
     num_out: int = 0
     num_in: int = 0
@@ -83,7 +82,10 @@ class SwapPolicy:
     pages_in: int = 0
 
     def __post_init__(self) -> None:
-        self.free = [list(range(n)) for n in self.slots]
+        # Free slots of member i: the returned ones, then the never used ones from _fresh[i] on
+        # (a swap space of millions of slots is not listed up front).
+        self._returned: list[list[int]] = [[] for _ in self.slots]
+        self._fresh = [0 for _ in self.slots]
         self._out: list[HostMoves] = [HostMoves() for _ in self.slots]
         self._in: list[HostMoves] = [HostMoves() for _ in self.slots]
         self._released: list[list[int]] = [[] for _ in self.slots]  # free again after this step
@@ -93,11 +95,11 @@ class SwapPolicy:
         blocks = -(-seq.num_computed_tokens // members[0].page_size)
         pages = {i: [p for b in m.tables[seq.seq_id][:blocks] for _, p in m.pages_of(b)]
                  for i, m in enumerate(members) if seq.seq_id in m.tables}
-        if not blocks or any(len(p) > len(self.free[i]) for i, p in pages.items()):
+        if not blocks or any(len(p) > self._num_free(i) for i, p in pages.items()):
             return RecomputePolicy().preempt(seq, kv)  # nothing worth saving, or no room
         slots = {}
         for i, p in pages.items():
-            slots[i], self.free[i] = self.free[i][: len(p)], self.free[i][len(p):]
+            slots[i] = self._take(i, len(p))
             self._out[i] = HostMoves(self._out[i].pages + p, self._out[i].slots + slots[i])
             self.pages_out += len(p)
         self.held[seq.seq_id] = _Held(slots, blocks)
@@ -134,9 +136,19 @@ class SwapPolicy:
         first and must not overwrite them."""
         out, inn = self._out[member], self._in[member]
         self._out[member], self._in[member] = HostMoves(), HostMoves()
-        self.free[member] += self._released[member]
+        self._returned[member] += self._released[member]
         self._released[member] = []
         return out, inn
+
+    def _num_free(self, i: int) -> int:
+        return len(self._returned[i]) + self.slots[i] - self._fresh[i]
+
+    def _take(self, i: int, n: int) -> list[int]:
+        k = min(n, len(self._returned[i]))
+        got, self._returned[i] = self._returned[i][:k], self._returned[i][k:]
+        got += list(range(self._fresh[i], self._fresh[i] + n - k))
+        self._fresh[i] += n - k
+        return got
 
 
 POLICIES: dict[str, Any] = {"recompute": RecomputePolicy, "swap": SwapPolicy}
