@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a short grid (about 30 s on the default model)")
     parser.add_argument("--repeats", type=int, default=None, help="runs of each cell (default: 3, quick 2)")
     parser.add_argument("--out", default=None, help="JSON file (default: profile-<model>-<device>.json)")
+    parser.add_argument("--p2p", action="store_true",
+                        help="also measure P2P between two workers by message size (transfer.probe; gloo on CPU)")
     args = parser.parse_args(argv)
     grid = QUICK if args.quick else FULL
     if args.repeats is not None:
@@ -207,6 +209,14 @@ def main(argv: list[str] | None = None) -> int:
                                   max_num_batched_tokens=max(grid.budget, base.max_num_batched_tokens or 0),
                                   max_num_seqs=max(grid.max_seqs, base.max_num_seqs))
     result = profile(options, grid, grid_name="quick" if args.quick else "full")
+    if args.p2p:
+        from kunlite.transfer.probe import measure
+
+        latency, samples = measure(device="cuda" if options.device.startswith("cuda") else "cpu")
+        # One-way time by size; a message's latency is half the measured 4-byte round trip.
+        result["p2p"] = [[4, latency / 2]] + [[s.num_bytes, s.seconds + latency / 2] for s in samples]
+        print(f"p2p: round trip {latency * 1e6:.0f} us; {samples[-1].gb_per_s:.2f} GB/s at "
+              f"{samples[-1].num_bytes >> 20} MiB")
     out = Path(args.out or f"profile-{result['model_name']}-{result['device'].replace(':', '')}.json")
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
