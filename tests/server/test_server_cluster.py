@@ -258,3 +258,36 @@ def test_bad_configuration_fails_at_start_with_a_clear_error(smollm2: Path, case
         busy.close()
     assert proc.returncode == code, proc.stderr[-2000:]
     assert message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_kunserve_through_http(server_factory: Callable[..., ServerProcess]) -> None:
+    """The parameter-centric policy behind the real server: a burst on a scarce KV merges the
+    replicas (the group keeps taking requests while it exchanges and runs as a pipeline), every
+    request completes, and calm splits the group back into two replicas."""
+    server = server_factory("--devices", "2", "--device-memory", "275MiB", "--max-model-len", "512", "--dtype",
+                            "bfloat16", "--overload-policy", "kunserve", "--exchange", "remote-attention",
+                            "--calm-window", "1")
+    done: list[int] = []
+
+    def one(i: int) -> None:
+        body = {"model": MODEL, "prompt": f"{i} " + " ".join([STORY] * 4), "max_tokens": 64, "ignore_eos": True}
+        r = httpx.post(server.url + "/v1/completions", json=body, headers=server.headers, timeout=180)
+        done.append(r.status_code)
+        assert r.status_code == 200, r.text
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    seen: set[str] = set()
+    while any(t.is_alive() for t in threads):
+        view = cluster_of(server)
+        seen |= {i["state"] for i in view["instances"]}
+        time.sleep(0.2)
+    assert done == [200] * 16
+    assert seen & {"exchanging", "pipeline"}, seen
+    wait_for(lambda: len(cluster_of(server)["instances"]) == 2, 30, "the restore")
+    view = cluster_of(server)
+    assert view["counters"]["drops"] >= 1 and view["counters"]["restores"] >= 1
+    assert {e["kind"] for e in view["events"]} >= {"drop", "restore"}
+    assert all(i["state"] == "serving" and i["kv_used_blocks"] == 0 for i in view["instances"])
+    assert [d["layers"] for i in view["instances"] for d in i["devices"]] == [[0, 30], [0, 30]]

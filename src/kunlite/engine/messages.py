@@ -76,6 +76,13 @@ class StepTiming(msgspec.Struct, frozen=True, array_like=True):
     instance: int = 0
 
 
+# Instance states in which an instance steps and takes requests; a restoring one takes requests
+# into its queue (the split hands them to the replicas) but does not step; degraded and
+# restarting ones do neither.
+SERVING_STATES = ("serving", "pipeline", "exchanging")
+ACCEPTING_STATES = SERVING_STATES + ("restoring",)
+
+
 class DeviceStats(msgspec.Struct, frozen=True):
     """One device of an instance, as the monitor reports it."""
 

@@ -29,6 +29,7 @@ from kunlite.server.http_guard import DISCONNECTED_STATUS, RequestTimeout, cors_
 from kunlite.server.openai_serving import OpenAIServing, chat_messages, decode_body
 from kunlite.server.protocol import (DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, TokenizeRequest,
                                      TokenizeResponse, encoder)
+from kunlite.engine.messages import ACCEPTING_STATES
 from kunlite.server.cluster_view import cluster_view
 from kunlite.server.dashboard import dashboard_routes, is_open_path
 from kunlite.server.runtime import Runtime, ServeConfig
@@ -128,9 +129,9 @@ def build_app(cfg: ServeConfig, on_fatal: Callable[[str], None] | None = None) -
             return ApiError(503, rt.status_detail, code=rt.status).response()
         stats = rt.metrics.stats
         states = [{"id": i.id, "state": i.state} for i in (stats.instances if stats else [])]
-        if all(s["state"] == "serving" for s in states):
+        if all(s["state"] in ACCEPTING_STATES for s in states):
             return JSONResponse({"status": "ok", "instances": states})
-        if not any(s["state"] == "serving" for s in states):
+        if not any(s["state"] in ACCEPTING_STATES for s in states):
             return ApiError(503, "no instance of the cluster is serving", code="engine_unavailable").response()
         return JSONResponse({"status": "degraded", "instances": states})
 

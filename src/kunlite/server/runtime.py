@@ -22,7 +22,7 @@ from pathlib import Path
 
 from kunlite.engine.args import EngineOptions
 from kunlite.engine.cluster.dispatch import InstanceLoad, blocks_for, choose_instance
-from kunlite.engine.messages import ClusterEvent, EngineOutputs, InstanceStats
+from kunlite.engine.messages import ACCEPTING_STATES, ClusterEvent, EngineOutputs, InstanceStats
 from kunlite.engine.tokenizer import Tokenizer
 from kunlite.server.admission import AdmissionConfig, AdmissionPolicy, Ledger
 from kunlite.server.cost_model import StepCostModel
@@ -191,7 +191,7 @@ class Runtime:
         loads = []
         for inst in stats.instances:
             pending = self.ledger.pending(inst.id)
-            loads.append(InstanceLoad(inst.id, inst.state == "serving", inst.total_blocks, inst.used_blocks,
+            loads.append(InstanceLoad(inst.id, inst.state in ACCEPTING_STATES, inst.total_blocks, inst.used_blocks,
                                       sum(blocks_for(r.prompt_tokens, ps, r.n) for r in pending),
                                       len(self.ledger.running(inst.id)), len(pending)))
         return choose_instance(loads)

@@ -39,8 +39,8 @@ from kunlite.engine.cluster.messages import (Assign, FromWorker, Heartbeat, Hell
 from kunlite.engine.cluster.elastic import Elastic
 from kunlite.engine.cluster.migrate import Migrator
 from kunlite.engine.instance import Instance, Member, eos_token_ids
-from kunlite.engine.messages import (ClusterEvent, DeviceStats, EngineRequest, EngineStats, InstanceStats,
-                                     RequestOutput, StepTiming)
+from kunlite.engine.messages import (ACCEPTING_STATES, SERVING_STATES, ClusterEvent, DeviceStats, EngineRequest, EngineStats,
+                                     InstanceStats, RequestOutput, StepTiming)
 from kunlite.engine.plan import TriggerConfig
 from kunlite.engine.preemption import make_policy
 from kunlite.engine.work import StageDone
@@ -50,7 +50,7 @@ from kunlite.transfer.world import STORE_KEY_CONTROL, Rendezvous, host_store
 log = logging.getLogger("kunlite.cluster")
 
 PING_S = 1.0  # the coordinator's keep-alive to idle workers
-SERVING = ("serving", "pipeline", "exchanging")  # states in which an instance steps and takes requests
+SERVING = SERVING_STATES  # states in which an instance steps and takes requests
 DOWN = ("degraded", "restarting")  # a member died: the instance waits for it to come back
 
 
@@ -243,7 +243,7 @@ class Cluster:
         """Queue a request on its instance (or the one the dispatcher picks). Returns an error
         output at once when no instance serves."""
         iid = req.instance
-        if iid is None or self.states.get(iid) not in SERVING:
+        if iid is None or self.states.get(iid) not in ACCEPTING_STATES:
             iid = choose_instance(self.loads())
             if iid is None:
                 return [RequestOutput(req.request_id, i, [], None, "error", len(req.prompt_token_ids), 0)
@@ -265,7 +265,7 @@ class Cluster:
 
     def loads(self) -> list[InstanceLoad]:
         ps = self.config.cache.page_size
-        return [InstanceLoad(i.id, self.states[i.id] in SERVING, i.kv.num_total_blocks, i.kv.num_used_blocks,
+        return [InstanceLoad(i.id, self.states[i.id] in ACCEPTING_STATES, i.kv.num_total_blocks, i.kv.num_used_blocks,
                              sum(blocks_for(s.num_tokens, ps, s.pending_children + 1) for s in i.scheduler.waiting),
                              len(i.scheduler.running), len(i.scheduler.waiting)) for i in self.instances.values()]
 
