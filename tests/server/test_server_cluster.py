@@ -279,11 +279,16 @@ def test_kunserve_through_http(server_factory: Callable[..., ServerProcess]) -> 
     for t in threads:
         t.start()
     seen: set[str] = set()
+    wait_for(lambda: len(cluster_of(server)["instances"]) == 1, 60, "the drop")
+    later = [threading.Thread(target=one, args=(i,)) for i in range(16, 20)]  # sent to the merged group
+    for t in later:
+        t.start()
+    threads += later
     while any(t.is_alive() for t in threads):
         view = cluster_of(server)
         seen |= {i["state"] for i in view["instances"]}
         time.sleep(0.2)
-    assert done == [200] * 16
+    assert done == [200] * 20
     assert seen & {"exchanging", "pipeline"}, seen
     wait_for(lambda: len(cluster_of(server)["instances"]) == 2, 30, "the restore")
     view = cluster_of(server)
