@@ -2,7 +2,7 @@
 on the same workload and KV budget; one table at the end.
 
     python scripts/bench_burst.py [--policies recompute,swap,migrate,pp2] [--scenarios burst,at-once]
-                                  [--device-memory 300MiB] [--trace BURSTGPT.csv] [--json out.json]
+                                  [--device-memory 271MiB] [--trace BURSTGPT.csv] [--json out.json]
 
 KunServe's setting (`burst`): long generations (chain-of-thought-like, hundreds of tokens) hold
 most of the KV when a burst of short requests arrives (gamma arrivals, or the rows of a
@@ -12,7 +12,10 @@ request at t = 0 with a short prompt: all are admitted, and the cost shows in TP
 preemptions instead. Policies: recompute (vLLM), swap (InferCept), migrate (Llumnix) on two
 replicas; pp2, a static 2-stage pipeline (vLLM-PP) over the same two devices; and kunserve
 (parameter-centric: the replicas merge into a pipeline when throttled, the duplicate
-parameters become KV, calm splits them again) with each exchange mode.
+parameters become KV, calm splits them again) with each exchange mode. `no-pressure` is a
+reference, not a policy: the same replicas with enough KV for everything (1 GiB each), i.e. the
+TTFT the compute alone allows. Before each scenario the script waits until the cluster is two
+serving replicas again.
 
 Each policy gets a fresh server (`python -m kunlite serve --devices 2 --threads 1 ...`).
 TTFT is reported for the burst requests and for all; TPOT over every request that produced
@@ -47,6 +50,9 @@ POLICIES = {
     "kunserve-stall": ["--overload-policy", "kunserve", "--exchange", "stall"],
     "kunserve-remote": ["--overload-policy", "kunserve", "--exchange", "remote-attention"],
     "kunserve-recompute": ["--overload-policy", "kunserve", "--exchange", "recompute"],
+    # Not a policy: two replicas with 1 GiB each, so the burst never runs out of KV. Its TTFT is
+    # what the compute alone costs, a floor that no memory policy can go under.
+    "no-pressure": ["--overload-policy", "recompute", "--device-memory", "1GiB"],
 }
 
 
@@ -82,6 +88,23 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
+def instance_states(url: str) -> list[str]:
+    return [i["state"] for i in httpx.get(url + "/v1/cluster", timeout=5).json()["instances"]]
+
+
+def settle(url: str, instances: int, timeout_s: float = 90.0) -> None:
+    """Wait until the cluster has its first topology again, every instance serving (a merged
+    kunserve group splits after its calm window), so that each scenario starts the same way."""
+    deadline = time.time() + timeout_s
+    states = instance_states(url)
+    while not (len(states) == instances and all(s == "serving" for s in states)):
+        if time.time() > deadline:
+            raise TimeoutError(f"the cluster did not return to {instances} serving instances in {timeout_s:.0f} s: "
+                               f"{states}")
+        time.sleep(0.5)
+        states = instance_states(url)
+
+
 def workloads(args: argparse.Namespace) -> dict[str, list]:
     burst = long_then_burst(n_long=args.long, long_prompt=args.long_prompt, long_tokens=args.long_tokens,
                             n_burst=args.burst, burst_prompt=args.burst_prompt, burst_tokens=args.burst_tokens,
@@ -103,7 +126,7 @@ def row(policy: str, scenario: str, result: dict, slos: dict[str, float]) -> str
     return (f"| {policy} | {scenario} | {s(ttft['p50_ttft_ms'])} | {s(ttft['p99_ttft_ms'])} | {s(a['p99_ttft_ms'])} | "
             f"{s(a['p50_tpot_ms'])} | {s(a['p99_tpot_ms'])} | {a['request_goodput']:.2f} | {a['completed']} | "
             f"{a['failed'] + a['rejected']} | {c['preemptions']:.0f} | {c['swaps_out']:.0f} | {c['migrations']:.0f} | "
-            f"{c['drops']:.0f} |")
+            f"{c['drops']:.0f} | {c['restores']:.0f} |")
 
 
 def main() -> None:
@@ -144,7 +167,9 @@ def main() -> None:
         log = out_dir / f"bench_burst_{policy}.log"
         proc, url = start(model, args, POLICIES[policy], log)
         try:
+            topology = len(instance_states(url))
             for scenario, reqs in loads.items():
+                settle(url, topology)
                 t = time.time()
                 res = run(url, SERVED, reqs, tokens, slos=slos)
                 results[f"{policy}/{scenario}"] = res
@@ -156,8 +181,8 @@ def main() -> None:
           f"{(time.time() - began) / 60:.1f} min; 2 workers x 1 thread, --device-memory {args.device_memory}; "
           f"SLOs: TTFT <= {args.slo_ttft:g} s, TPOT <= {args.slo_tpot:g} s")
     print("| policy | scenario | burst TTFT P50 (s) | burst TTFT P99 (s) | all TTFT P99 (s) | TPOT P50 (s) | "
-          "TPOT P99 (s) | goodput (req/s) | completed | failed | preemptions | swaps | migrations | drops |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "TPOT P99 (s) | goodput (req/s) | completed | failed | preemptions | swaps | migrations | drops | restores |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))

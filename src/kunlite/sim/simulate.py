@@ -121,8 +121,7 @@ def simulate(options: EngineOptions, hardware: SimHardware, trace: list[TraceReq
 
 
 def _devices(c: SimCluster) -> list[tuple[int, int, int, int, int]]:
-    """(rank, first layer, end layer, parameter bytes, KV used bytes, KV total bytes)-like rows:
-    (rank, param bytes, KV used bytes, KV total bytes, layers held)."""
+    """One row per device: (rank, parameter bytes held, KV bytes used, KV bytes in all, layers held)."""
     out = []
     pb = c._page_bytes()
     for inst in c.instances.values():
