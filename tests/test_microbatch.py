@@ -21,17 +21,29 @@ def test_the_online_model_fits_the_steps_it_sees() -> None:
         assert model.predict(batch) == pytest.approx(truth.predict(batch), rel=0.05)
 
 
-def test_a_cost_limit_cuts_a_step_short_but_always_takes_one() -> None:
+def test_a_cost_limit_cuts_a_prompt_to_what_fits_but_always_takes_one() -> None:
     s = make(blocks=64, budget=64)
     for name in "abcd":
         s.add(seq(name, 10))
     cost = lambda batch: float(sum(q for q, _ in batch))  # noqa: E731 - one unit per token
     out = s.schedule(cost=cost, cost_limit=25)
-    assert [(q.seq_id, n) for q, n in out.scheduled] == [("a", 10), ("b", 10)]
+    # a and b whole, then a chunk of c: the 5 tokens still under the limit (the whole prompt used
+    # to be refused, which starved the queue behind a microbatch of decodes)
+    assert [(q.seq_id, n) for q, n in out.scheduled] == [("a", 10), ("b", 10), ("c", 5)]
     for q, _ in out.scheduled:
         q.in_flight = True  # the first microbatch is in flight
-    out = s.schedule(cost=cost, cost_limit=1)  # too small for anything: still one
-    assert [(q.seq_id, n) for q, n in out.scheduled] == [("c", 10)]
+    out = s.schedule(cost=cost, cost_limit=1)  # too small for anything: still one, whole
+    assert [(q.seq_id, n) for q, n in out.scheduled] == [("d", 10)]
+    s.kv.check()
+
+
+def test_without_chunked_prefill_a_prompt_that_does_not_fit_waits() -> None:
+    s = make(blocks=64, budget=64, chunked=False)
+    for name in "abc":
+        s.add(seq(name, 10))
+    cost = lambda batch: float(sum(q for q, _ in batch))  # noqa: E731
+    out = s.schedule(cost=cost, cost_limit=25)
+    assert [(q.seq_id, n) for q, n in out.scheduled] == [("a", 10), ("b", 10)]
     s.kv.check()
 
 

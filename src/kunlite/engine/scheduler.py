@@ -127,16 +127,29 @@ class Scheduler:
         `max_running` go to running sequences (a pipeline splits its decodes over microbatches);
         the rest of the budget admits waiting ones. With `cost` (seconds of a batch of
         (new tokens, context) pairs) the step stops growing at `cost_limit` (it always takes one
-        sequence): a pipeline's microbatches of balanced cost."""
+        sequence), a prompt's chunk cut to what still fits: a pipeline's microbatches of
+        balanced cost."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens if budget is None else budget
         seats = max_running if max_running is not None else self.config.max_num_seqs
         chunked = self.config.enable_chunked_prefill
         shape: list[tuple[int, int]] = []  # (q, c) of what is scheduled so far
 
-        def too_costly(seq: Sequence, n: int, context: int) -> bool:
-            return (cost is not None and cost_limit is not None and bool(shape)
-                    and cost(shape + [(n, context)]) > cost_limit)
+        def affordable(n: int, context: int) -> int:
+            """How many of n new tokens fit under the cost limit (all of them without a limit or
+            in an empty step; a prompt's chunk is cut, with chunked prefill; 0: none fit)."""
+            if cost is None or cost_limit is None or not shape or cost(shape + [(n, context)]) <= cost_limit:
+                return n
+            if not chunked:
+                return 0
+            lo, hi = 0, n - 1  # cost grows with the chunk: the largest k <= hi that fits
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if cost(shape + [(mid, context)]) <= cost_limit:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            return lo
 
         # 1. Running sequences, oldest first.
         for seq in list(self.running):
@@ -147,8 +160,10 @@ class Scheduler:
             n = min(seq.num_uncomputed, budget) if chunked else seq.num_uncomputed
             if n > budget:
                 continue
-            if too_costly(seq, n, seq.num_computed_tokens):
-                break
+            fits = affordable(n, seq.num_computed_tokens)
+            if fits == 0:
+                break  # the microbatch is full
+            n = fits
             if not self._make_room(seq, n, out):
                 continue
             out.scheduled.append((seq, n))
@@ -182,9 +197,9 @@ class Scheduler:
                 n = min(n, budget)
             elif n > budget:
                 break
+            n = affordable(n, cached)
             total = cached + n
-            if too_costly(seq, n, cached) or not self.kv.can_allocate(seq.seq_id, total, hits,
-                                                                      self._fork_blocks(seq, total)):
+            if n == 0 or not self.kv.can_allocate(seq.seq_id, total, hits, self._fork_blocks(seq, total)):
                 break
             self.waiting.pop(0)
             self.kv.allocate(seq.seq_id, total, hits)
