@@ -486,8 +486,10 @@ class BlockManager:
         lo, hi = self.layers
         width = hi - lo
         new_ids: list[int] = []
-        while len(self._spare) >= width:
-            pages, self._spare = self._spare[:width], self._spare[width:]
+        spare, whole = self._spare, len(self._spare) // width
+        self._spare = spare[whole * width:]  # one slice, not one per block: a GPU pool has 10^5 pages
+        for i in range(whole):
+            pages = spare[i * width:(i + 1) * width]
             b = self._recycled_ids.pop() if self._recycled_ids else self._grow()
             self.block_pages[b, lo:hi] = pages
             self.block_range[b] = (lo, hi)

@@ -135,7 +135,10 @@ def _devices(c: SimCluster) -> list[tuple[int, int, int, int, int]]:
 def _needed(c: SimCluster, layers: tuple[int, int]) -> set[str]:
     from kunlite.engine.model import needed_groups
 
-    return set(needed_groups(c.config.model, layers))
+    cache = c.__dict__.setdefault("_needed_cache", {})  # a layer range's groups never change
+    if layers not in cache:
+        cache[layers] = set(needed_groups(c.config.model, layers))
+    return cache[layers]
 
 
 def run_policies(base: EngineOptions, hardware: SimHardware, trace: list[TraceRequest], policies: list[str], *,
