@@ -31,16 +31,17 @@ from kunlite.config import ConfigError
 from kunlite.engine.args import EngineOptions
 from kunlite.engine.block_manager import BlockManager
 from kunlite.engine.clock import REAL, Clock
-from kunlite.engine.cluster import launch
+from kunlite.engine.cluster import launch, recovery, report
 from kunlite.engine.cluster.dispatch import InstanceLoad, blocks_for, choose_instance
 from kunlite.engine.cluster.launch import WorkerState
 from kunlite.engine.cluster.messages import (Assign, FromWorker, Heartbeat, Hello, Ping, Ready, Reform, Reformed,
                                              Shutdown, StepFailed, TransferDone, TransferFailed, WorkerFailed)
 from kunlite.engine.cluster.elastic import Elastic
 from kunlite.engine.cluster.migrate import Migrator
+from kunlite.engine.cluster.recovery import DOWN
 from kunlite.engine.instance import Instance, Member, eos_token_ids
-from kunlite.engine.messages import (ACCEPTING_STATES, SERVING_STATES, ClusterEvent, DeviceStats, EngineRequest, EngineStats,
-                                     InstanceStats, RequestOutput, StepTiming)
+from kunlite.engine.messages import (ACCEPTING_STATES, SERVING_STATES, ClusterEvent, EngineRequest, EngineStats,
+                                     RequestOutput, StepTiming)
 from kunlite.engine.plan import TriggerConfig
 from kunlite.engine.preemption import make_policy
 from kunlite.engine.work import StageDone
@@ -51,7 +52,6 @@ log = logging.getLogger("kunlite.cluster")
 
 PING_S = 1.0  # the coordinator's keep-alive to idle workers
 SERVING = SERVING_STATES  # states in which an instance steps and takes requests
-DOWN = ("degraded", "restarting")  # a member died: the instance waits for it to come back
 
 
 class Cluster:
@@ -428,104 +428,15 @@ class Cluster:
         self.states[inst.id] = "degraded"
 
     def _recover(self) -> None:
-        """Once every worker is loaded again: stop planning, let the steps in flight finish,
-        re-form the world (every worker joins the next generation), and let the instances that
-        were down serve again. The serving instances pause for about one step."""
-        down = [i for i in self.instances.values() if self.states[i.id] in DOWN]
-        if any(w.state != "ready" for w in self.workers.values()):
-            self.quiescing, self._reforming = False, None
-            for inst in down:
-                if all(self.workers[m.rank].state in ("loading", "ready") for m in inst.members):
-                    self.states[inst.id] = "restarting"
-            return
-        if self._reforming is None:
-            self.quiescing = True
-            if self.migrator is not None:
-                self.migrator.abort_all("the world is being re-formed")
-                if not self.migrator.idle:
-                    return
-            if any(i.flights for i in self.instances.values()):
-                return
-            self._reforming = self.generation + 1
-            self._reform_deadline = time.monotonic() + self.options.join_timeout
-            for w in self.workers.values():
-                self.send(w.rank, Reform(self._reforming))
-            return
-        if any(w.generation != self._reforming for w in self.workers.values()):
-            if time.monotonic() > self._reform_deadline:
-                for w in self.workers.values():
-                    if w.generation != self._reforming:
-                        self._death(w, f"it did not join generation {self._reforming} of the world", [])
-            return
-        self.generation, self._reforming, self.quiescing = self._reforming, None, False
-        log.info("world generation %d formed by %d workers", self.generation, len(self.workers))
-        for inst in down:
-            self.retire(inst)
-            replicas = self.elastic.recover(inst.id) if self.elastic is not None else None
-            if replicas is None:
-                replicas = [self._new_instance(inst.id, [m.rank for m in inst.members])]
-            del self.instances[inst.id]
-            del self.states[inst.id]
-            for fresh in replicas:
-                self.instances[fresh.id] = fresh
-                self.states[fresh.id] = "serving"
-                self.events.append(ClusterEvent(time.time(), "instance_restored", fresh.id))
-                log.info("instance %d serves again", fresh.id)
+        recovery.recover(self)
 
     # ------------------------------------------------------------------ reporting
 
     def stats(self) -> EngineStats:
-        insts = [self._instance_stats(i) for i in self.instances.values()]
-        return EngineStats(
-            num_running=sum(s.running for s in insts), num_waiting=sum(s.waiting for s in insts),
-            kv_pages_used=sum(d.kv_used_bytes for s in insts for d in s.devices) // max(self._page_bytes(), 1),
-            kv_pages_total=sum(d.kv_total_bytes for s in insts for d in s.devices) // max(self._page_bytes(), 1),
-            num_preemptions_total=sum(i.scheduler.num_preemptions for i in self.instances.values())
-            + int(self.retired.get("num_preemptions_total", 0)),
-            param_pages=sum(w.ready.param_pages for w in self.workers.values() if w.ready),
-            page_size=self.config.cache.page_size, instances=insts,
-            num_worker_deaths_total=int(self.counters["num_worker_deaths_total"]), **self._swap_counters(),
-            **self._migration_counters(), **self._elastic_counters())
-
-    def _elastic_counters(self) -> dict[str, Any]:
-        e = self.elastic
-        if e is None:
-            return {}
-        return {"num_drops_total": e.counters["drops"], "num_restores_total": e.counters["restores"],
-                "exchanged_bytes_total": e.counters["exchanged_bytes"],
-                "remote_attention_calls_total": e.counters["remote_attention_calls"],
-                "state_seconds_total": e.state_seconds()}
-
-    def _migration_counters(self) -> dict[str, Any]:
-        m = self.migrator
-        if m is None:
-            return {}
-        return {"num_migrations_total": m.num_done, "migration_bytes_total": m.bytes_moved,
-                "migration_pause_seconds_total": m.pause_seconds, "num_migrations_aborted_total": m.num_aborted}
-
-    def _swap_counters(self) -> dict[str, int]:
-        total: dict[str, int] = {k: int(v) for k, v in self.retired.items() if k != "num_preemptions_total"}
-        for inst in self.instances.values():
-            for k, v in inst.swap_counters(self._page_bytes()).items():
-                total[k] = total.get(k, 0) + v
-        return total
+        return report.cluster_stats(self)
 
     def _page_bytes(self) -> int:
         return next((w.ready.page_bytes for w in self.workers.values() if w.ready), 0)
-
-    def _instance_stats(self, inst: Instance) -> InstanceStats:
-        pb = self._page_bytes()
-        devices = []
-        for m in inst.members:
-            w = self.workers[m.rank]
-            devices.append(DeviceStats(m.rank, w.pid, w.host, w.ready.device if w.ready else self.options.device,
-                                       m.layers, w.state == "ready", w.ready.param_bytes if w.ready else 0,
-                                       m.kv.num_used_pages * pb, m.kv.num_kv_pages * pb))
-        load = next(x for x in self.loads() if x.id == inst.id)
-        left, moved = self.elastic.progress(inst) if self.elastic is not None else (0, 0)
-        return InstanceStats(inst.id, self.states[inst.id], load.running, load.waiting, load.used_blocks,
-                             load.total_blocks, load.waiting_blocks, self.config.cache.page_size, devices, left, moved,
-                             inst.bubbles.fraction(self.clock.now()) if len(inst.members) > 1 else 0.0)
 
     def take_timings(self) -> list[StepTiming]:
         return [msgspec.structs.replace(t, instance=i.id) for i in self.instances.values() for t in i.take_timings()]

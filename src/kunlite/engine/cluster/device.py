@@ -305,7 +305,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
-                        format=f"%(asctime)s %(levelname)s worker[%(process)d] %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s worker[%(process)d] %(name)s: %(message)s")
     try:
         rdzv = Rendezvous.from_env()
     except Exception as e:  # noqa: BLE001
