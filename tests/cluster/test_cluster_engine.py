@@ -46,7 +46,11 @@ def test_each_overload_policy_forced_mid_generation_keeps_the_tokens(tiny: Path,
             assert stats.swap_out_bytes_total > 0
         else:
             assert stats.num_migrations_total > 0 and stats.migration_bytes_total > 0
-            assert stats.num_migrations_aborted_total == 0
+            # A request may finish while its KV is on the way (then the copy is dropped, as it
+            # should be); any other abort is a fault here.
+            aborted = [e for e in c.take_events() if e.kind == "migration_aborted"]
+            assert len(aborted) == stats.num_migrations_aborted_total
+            assert all(e.detail.endswith("the request ended at the source") for e in aborted), aborted
             assert c.take_moved(), "the front end is told where migrated requests went"
         assert_nothing_held(c)
 
