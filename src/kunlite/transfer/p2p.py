@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -65,7 +66,9 @@ def start_recv(out: torch.Tensor, src: int, tag: Tag) -> "Pending":
 
 class Pending:
     """An isend / irecv in progress, holding its buffer alive. `wait()` waits here; the first
-    `poll()` hands the waiting to a thread, so that the caller can go on meanwhile."""
+    `poll()` hands the waiting to a thread, so that the caller can go on meanwhile: a caller
+    that will be busy before it polls again should poll once at the start, or the transfer
+    does not move until then. `finished` is the perf_counter when the data had moved."""
 
     def __init__(self, work: dist.Work, buffer: torch.Tensor, what: str) -> None:
         self.work = work
@@ -74,12 +77,14 @@ class Pending:
         self._done = threading.Event()
         self._error: Exception | None = None
         self._thread: threading.Thread | None = None
+        self.finished = 0.0
 
     def _wait(self) -> None:
         try:
             self.work.wait()
         except Exception as e:  # noqa: BLE001 - reported to the caller by poll()/wait()
             self._error = e
+        self.finished = time.perf_counter()
         self._done.set()
 
     def poll(self) -> bool:

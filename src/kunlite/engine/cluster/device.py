@@ -180,12 +180,15 @@ class DeviceWorker:
         pages = torch.tensor(msg.pages, dtype=torch.long, device=self.device)
         try:
             if isinstance(msg, SendPages):
+                started = time.perf_counter()
                 pending = p2p.send(kv[pages], msg.peer, p2p.Tag.KV)  # (n, 2, ps, H_kv, d)
-                self.transfers.append(_Transfer(msg.transfer_id, pending, [], time.perf_counter()))
+                self.transfers.append(_Transfer(msg.transfer_id, pending, [], started))
             else:
+                started = time.perf_counter()
                 buf = torch.empty((len(msg.pages), *kv.shape[1:]), dtype=kv.dtype, device=self.device)
                 pending = p2p.start_recv(buf, msg.peer, p2p.Tag.KV)
-                self.transfers.append(_Transfer(msg.transfer_id, pending, list(msg.pages), time.perf_counter()))
+                self.transfers.append(_Transfer(msg.transfer_id, pending, list(msg.pages), started))
+            pending.poll()  # its wait thread moves it while this worker runs its next step
         except p2p.TransferError as e:
             self.control.send(TransferFailed(msg.transfer_id, self.rank, str(e)))
 
@@ -221,8 +224,9 @@ class DeviceWorker:
             self.transfers.remove(t)
             if t.pages:
                 self.runner.copy_into_pages(t.pages, t.pending.buffer)
+            # seconds: from the transfer's start to its data having moved (not to this loop noticing)
             self.control.send(TransferDone(t.id, self.rank, t.pending.buffer.numel() * t.pending.buffer.element_size(),
-                                           time.perf_counter() - t.started))
+                                           t.pending.finished - t.started))
 
     def _elastic(self, msg: DropLayers | RestoreLayers | SendParams | RunLayers) -> None:
         """Drop, restore, lend or run layers (the parameter-centric policy's device side)."""

@@ -54,6 +54,8 @@ class GroupRecord:
     pending: set[int] = field(default_factory=set)  # transfer ids of the exchange chunk in flight
     chunk: list[Sequence] = field(default_factory=list)  # the requests of that chunk
     exchanged_bytes: int = 0
+    chunk_bytes: int = 0  # of the chunk in flight: its copies all start when it is sent
+    chunk_seconds: float = 0.0  # the longest of its copies so far: the chunk's span on the wire
     restore_began: float = 0.0
     restore_requested: bool = False  # split as soon as the chunk in flight lands
     decided: float = 0.0  # perf_counter when the merge was decided
@@ -81,7 +83,8 @@ class Elastic:
         self.timings: dict[str, list[float]] = {"drop_s": [], "drop_to_first_step_planned_s": [],
                                                 "drop_to_first_step_done_s": [], "restore_s": [], "exchange_s": []}
         self._transfers: dict[int, tuple[int, int]] = {}  # transfer id -> (group id, receiving rank)
-        self.transfer_log: list[tuple[int, float]] = []  # (bytes, seconds on the receiver) per exchange copy
+        self.transfer_log: list[tuple[int, float]] = []  # (bytes, seconds on the wire) per exchange copy
+        self.chunk_log: list[tuple[int, float]] = []  # (bytes, seconds from its start to its last copy) per chunk
         self.seconds: dict[str, float] = {}  # instance-seconds per state
         self._last_tick = self.clock.now()
 
@@ -279,7 +282,11 @@ class Elastic:
         rec.exchanged_bytes += msg.num_bytes
         self.counters["exchanged_bytes"] += msg.num_bytes
         self.transfer_log.append((msg.num_bytes, msg.seconds))
+        rec.chunk_bytes += msg.num_bytes
+        rec.chunk_seconds = max(rec.chunk_seconds, msg.seconds)
         if not rec.pending:
+            self.chunk_log.append((rec.chunk_bytes, rec.chunk_seconds))
+            rec.chunk_bytes, rec.chunk_seconds = 0, 0.0
             self._land_chunk(gid, rec)
         return True
 
