@@ -128,8 +128,11 @@ class BlockManager:
 
     def covers(self, seq_id: str, layers: tuple[int, int]) -> bool:
         """Whether every block of the sequence holds pages for all of `layers`."""
-        lo, hi = layers
-        return all(self.block_range[b, 0] <= lo and hi <= self.block_range[b, 1] for b in self._table(seq_id))
+        table = self._table(seq_id)
+        if not table:
+            return True
+        r = self.block_range[table]  # (n, 2)
+        return bool(r[:, 0].max() <= layers[0] and layers[1] <= r[:, 1].min())
 
     def seq_range(self, seq_id: str) -> tuple[int, int] | None:
         """The layers every block of the sequence holds (their intersection); None if no blocks."""
@@ -278,6 +281,15 @@ class BlockManager:
         for b in reversed(table):
             self._release(b)
 
+    def shrink(self, seq_id: str, num_tokens: int) -> None:
+        """Release the blocks past the first num_tokens tokens (KV allocated ahead and not
+        used: the simulator's fast-forward cut short)."""
+        table = self._table(seq_id)
+        keep = -(-num_tokens // self.page_size)
+        for b in reversed(table[keep:]):
+            self._release(b)
+        del table[keep:]
+
     def rename(self, old: str, new: str) -> None:
         """Hand a table to another sequence id (a migration's reservation becomes the request)."""
         if new in self.tables:
@@ -381,7 +393,7 @@ class BlockManager:
 
     def add_pages(self, pages: Iterable[int]) -> None:
         """Take more KV pages (pool start-up, or a dropped parameter group)."""
-        self._spare.extend(int(p) for p in pages)
+        self._spare.extend(pages.tolist() if isinstance(pages, np.ndarray) else map(int, pages))
         self._regroup()
 
     def can_reclaim(self, pages: Sequence[int]) -> bool:

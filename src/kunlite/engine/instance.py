@@ -81,8 +81,9 @@ class _Flight:
     started: float  # clock.now() at plan
     prefill: int
     decode: int
-    shape: list[tuple[int, int]]  # (new tokens, context) per sequence: the cost model's sample
+    shape: list[tuple[int, int]]  # (new tokens, context) per sequence: the cost model's sample (of the last step)
     slowest: float = 0.0  # the slowest stage's compute seconds so far
+    repeat: int = 1  # identical decode steps it stands for (the simulator's fast-forward; 1 in the engine)
 
 
 class Instance:
@@ -176,13 +177,31 @@ class Instance:
     def can_plan(self) -> bool:
         return len(self.flights) < self.max_in_flight and self.scheduler.has_unfinished
 
+    def decode_only(self) -> list[Sequence] | None:
+        """The running sequences, if the next step would be exactly one decode of each of them
+        (a replica with nothing waiting, swapped, in flight, paused, mid-prompt or forking,
+        no copies or aborts pending, all within the step's seats and budget); else None."""
+        sched, cfg = self.scheduler, self.config
+        if (len(self.members) > 1 or self.flights or self._copies or self._aborting or self.scratch is not None
+                or sched.waiting or sched.swapped or not sched.running
+                or len(sched.running) > min(cfg.max_num_seqs, cfg.max_num_batched_tokens)):
+            return None
+        for s in sched.running:
+            if s.in_flight or s.paused or s.num_uncomputed != 1 or s.pending_children:
+                return None
+        return list(sched.running)
+
     def commits(self, done: StageDone) -> bool:
         """Whether `done` is the StageDone that commits one of this instance's steps."""
         flight = self.flights.get(done.step_id)
         return flight is not None and flight.last_rank == done.rank
 
-    def plan(self) -> list[StageWork] | None:
-        """Schedule the next microbatch; one StageWork per member, or None if nothing can run."""
+    def plan(self, repeat: int = 1) -> list[StageWork] | None:
+        """Schedule the next microbatch; one StageWork per member, or None if nothing can run.
+        `repeat` > 1 (the simulator only): the step stands for that many decode steps of the
+        same sequences, committed at once; the caller has checked that the scheduler would
+        run exactly these, that their KV for all of them is allocated, and that none ends
+        before the last."""
         K = self.num_stages
         if K > 1 and self.microbatch == "balanced":
             # Look ahead: a microbatch carries a K-th of the predicted cost of what could run now.
@@ -227,7 +246,8 @@ class Instance:
         self.bubbles.started(now)
         self.flights[step_id] = _Flight(sched, sampled, self.members[-1].rank, now, prefill,
                                         sched.num_batched_tokens - prefill,
-                                        [(n, s.num_computed_tokens) for s, n in sched.scheduled])
+                                        [(n, s.num_computed_tokens + repeat - 1) for s, n in sched.scheduled],
+                                        repeat=repeat)
         if self.first_planned is None:
             self.first_planned = self.clock.now()
             self._own_steps.add(step_id)
@@ -322,14 +342,15 @@ class Instance:
         """The last member finished step `done.step_id`: apply its tokens."""
         self.observe_stage(done)
         flight = self.flights.pop(done.step_id)
-        self.step_cost.observe(flight.shape, flight.slowest)
+        k = flight.repeat
+        self.step_cost.observe(flight.shape, flight.slowest)  # of its last step, when it stands for k
         if not self.flights:
             self.bubbles.idle(self.clock.now())
         if done.step_id in self._own_steps and self.first_committed is None:
             self.first_committed = self.clock.now()
         sched = flight.sched
         for seq, n in sched.scheduled:
-            seq.num_computed_tokens += n
+            seq.num_computed_tokens += n * k  # k > 1: decodes only (n == 1)
             seq.in_flight = False
         pairs = self.scheduler.fork_children(sched)
         self._copies += sched.block_copies  # (member, src, dst): before the children's next step
@@ -338,12 +359,13 @@ class Instance:
         for r, seq in enumerate(rows):
             if seq.seq_id in self._aborting:
                 continue
-            seq.append_token(done.tokens[r])
+            for _ in range(k):
+                seq.append_token(done.tokens[r])
             reason = stop_reason(seq, self.eos, self.max_model_len)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
             lp = done.logprobs[r] if done.logprobs is not None else None
-            outputs.append(output_of(seq, [done.tokens[r]], [lp] if lp is not None else None))
+            outputs.append(output_of(seq, [done.tokens[r]] * k, [lp] if lp is not None else None))
         for seq, _ in sched.scheduled:
             if seq.seq_id in self._aborting:
                 self._aborting.discard(seq.seq_id)

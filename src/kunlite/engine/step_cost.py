@@ -104,8 +104,21 @@ class FittedStepCost:
         l0, l1 = layers
         if not 0 <= l0 < l1 <= self.num_layers:
             raise ValueError(f"layer range {layers} is not inside [0, {self.num_layers})")
-        w = self.weights
         t, a, b, _ = step_features(batch)
+        return self._seconds(t, a, b, layers)
+
+    def decode_steps_seconds(self, num_seqs: int, context_sum: int, steps: int,
+                             layers: tuple[int, int]) -> np.ndarray:
+        """(steps,) step_seconds of num_seqs decodes (q = 1) whose contexts sum to context_sum
+        in the first step and grow by one each a step, without the batches (the simulator's
+        fast-forward); the same floats."""
+        n = num_seqs
+        a = context_sum + n * np.arange(steps, dtype=np.int64) + n  # (steps,) attention pairs
+        return self._seconds(n, a, n, layers)  # type: ignore[arg-type]
+
+    def _seconds(self, t: int, a: int, b: int, layers: tuple[int, int]) -> float:
+        l0, l1 = layers
+        w = self.weights
         share = (l1 - l0) / self.num_layers
         return share * (w.per_token * t + w.per_attention_pair * a + w.per_sequence * b) + w.per_step
 

@@ -15,6 +15,18 @@ are due, through the coordinator's own `_handle`, as the workers' answers.
     RestoreLayers / SendParams  the weights over the link from the peer, or from host memory
     DropLayers, RunLayers  immediate
 A device's pool is sized by `engine/sizing.py`, page for page as the real one.
+
+Fast-forward: a replica whose next step is exactly one decode of each running sequence
+(`Instance.decode_only`) takes up to FAST_FORWARD_STEPS such steps as one flight
+(`Instance.plan(repeat=k)`): their KV is allocated up front, their time is the sum of the k
+steps' costs, and the tokens commit together, with each step's end kept for the ITLs. It is
+the same run, step for step: k stops before any sequence would end and before the KV runs
+out; an arrival dispatched to the instance cuts the flight at the end of the step in progress (its unused KV released), where the step-by-step run would
+schedule it; `loads()` shows the dispatcher each flight's KV as allocated step by step; and
+under `kunserve` every flight is cut the same way as soon as a replica is throttled, before
+the trigger can merge it, and none starts while a merged group exists (the calm watch samples
+the load at every event). Under `migrate` it is off: live migration takes running requests
+and reserves KV at any step.
 """
 
 from __future__ import annotations
@@ -22,22 +34,30 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+import msgspec
+import numpy as np
 
 from kunlite.engine.args import EngineOptions
 from kunlite.engine.clock import VirtualClock
 from kunlite.engine.cluster.coordinator import Cluster
+from kunlite.engine.cluster.dispatch import InstanceLoad
 from kunlite.engine.cluster.launch import WorkerState
 from kunlite.engine.cluster.messages import (CopyPages, Ready, RecvPages, RestoreLayers, SendPages, SendParams,
                                              TransferDone)
 from kunlite.engine.messages import RequestOutput
+from kunlite.engine.plan import throttled
 from kunlite.engine.model import param_groups
 from kunlite.engine.sizing import pool_sizing
 from kunlite.engine.step_cost import StepCost
+from kunlite.engine.instance import Instance
 from kunlite.engine.work import StageDone, StageWork
 
 log = logging.getLogger("kunlite.sim")
+
+FAST_FORWARD_STEPS = 256  # the most decode steps one flight stands for
 
 
 @dataclass(frozen=True)
@@ -57,12 +77,36 @@ class _Event:
     order: int
     rank: int = field(compare=False)
     msg: Any = field(compare=False)
+    cancelled: bool = field(default=False, compare=False)
+
+
+@dataclass
+class _FastForward:
+    """A flight of k decode steps of one replica."""
+
+    instance: int
+    rank: int
+    start: float
+    ends: list[float]  # when each of the k steps ends
+    computed: np.ndarray  # (B,) num_computed_tokens of its sequences at the start
+    event: _Event | None = None  # its StageDone
+
+    def last_seconds(self) -> float:
+        """The last step's compute time: what its StageDone reports (the step-by-step run's
+        last StageDone), for the instance's cost fit and bubble meter."""
+        return self.ends[-1] - (self.ends[-2] if len(self.ends) > 1 else self.start)
 
 
 class SimCluster(Cluster):
-    def __init__(self, options: EngineOptions, hardware: SimHardware, *, priority_order: bool = False) -> None:
+    def __init__(self, options: EngineOptions, hardware: SimHardware, *, priority_order: bool = False,
+                 fast_forward: bool = True) -> None:
         self.clock = VirtualClock()
         self.hw = hardware
+        self.fast_forward = fast_forward
+        self._ff: dict[int, _FastForward] = {}  # step id -> its flight
+        self._ff_planned: _FastForward | None = None  # between planning it and its StageWork
+        self.token_times: dict[str, list[float]] = {}  # request id -> when each token of its last output came
+        self.ff_stats = {"flights": 0, "steps": 0, "cuts": 0}  # fast-forwards planned, steps they held, cut short
         self._queue: list[_Event] = []
         self._order = itertools.count()
         self._busy: dict[int, float] = {}  # device -> when it is free
@@ -93,6 +137,115 @@ class SimCluster(Cluster):
             first += sizes[name]
         return Ready(rank, "sim", sizing.num_pages, sizing.page_bytes, list(range(first, sizing.num_pages)),
                      first, first * sizing.page_bytes, groups)
+
+    # ------------------------------------------------------------------ fast-forward
+
+    def _plan_all(self, outputs: list[RequestOutput]) -> None:
+        if self.fast_forward and not self.quiescing and self.migrator is None and (
+                self.elastic is None or not (self.elastic.groups or self._throttled())):
+            for inst in list(self.instances.values()):
+                ff = self._steps_ahead(inst)
+                if ff is None:
+                    continue
+                k = len(ff.ends)
+                for s in inst.scheduler.running:
+                    inst.kv.allocate(s.seq_id, s.num_computed_tokens + k)
+                self._ff_planned = ff
+                works = inst.plan(repeat=k)
+                assert works is not None and len(works[0].seqs) == len(ff.computed)  # decode_only's promise
+                self.send(ff.rank, works[0])
+        super()._plan_all(outputs)
+
+    def _steps_ahead(self, inst: Instance) -> _FastForward | None:
+        """A fast-forward of at least 2 steps for `inst`, or None."""
+        if self.states.get(inst.id) != "serving":
+            return None
+        seqs = inst.decode_only()
+        if not seqs:
+            return None
+        kv = inst.members[0].kv
+        if kv.enable_prefix_caching:
+            return None
+        k = FAST_FORWARD_STEPS
+        for s in seqs:
+            p = s.params
+            if self._token in p.stop_token_ids or (not p.ignore_eos and self._token in self.eos) \
+                    or kv.seq_range(s.seq_id) != kv.layers:
+                return None
+            if p.max_tokens is not None:
+                k = min(k, p.max_tokens - len(s.output_token_ids))  # none ends before the last step
+            k = min(k, inst.max_model_len - s.num_tokens)
+        if k < 2:
+            return None
+        ps = kv.page_size
+        computed = np.array([s.num_computed_tokens for s in seqs], dtype=np.int64)  # (B,)
+        have = np.array([len(kv.tables[s.seq_id]) for s in seqs], dtype=np.int64)  # (B,)
+        free = kv.num_free_blocks
+
+        def blocks(k: int) -> int:
+            return int(np.maximum(-(-(computed + k) // ps) - have, 0).sum())
+
+        while k >= 2 and blocks(k) > free:  # the KV all k steps take must be there now
+            k = max(k // 2, min(k - 1, 2))
+        if k < 2:
+            return None
+        rank = inst.members[0].rank
+        layers = inst.members[0].layers
+        start = max(self.clock.now(), self._busy[rank])
+        fast = getattr(self.hw.cost, "decode_steps_seconds", None)  # the same floats, without the batches
+        if fast is not None:
+            seconds = fast(len(computed), int(computed.sum()), k, layers).tolist()
+        else:
+            seconds = [self.hw.cost.step_seconds([(1, int(c) + j) for c in computed], layers) for j in range(k)]
+        ends, t = [], start
+        for sec in seconds:  # summed one by one, as the step-by-step run's clock does
+            t += sec
+            ends.append(t)
+        return _FastForward(inst.id, rank, start, ends, computed)
+
+    def add_request(self, req: Any) -> list[RequestOutput]:
+        out = super().add_request(req)
+        for step_id, ff in list(self._ff.items()):
+            inst = self.instances.get(ff.instance)
+            if inst is not None and inst.scheduler.waiting:
+                self._cut(step_id, ff, inst)  # the step-by-step run would schedule it next
+        return out
+
+    def _cut(self, step_id: int, ff: _FastForward, inst: Instance) -> None:
+        """End the flight with the step in progress now; release the KV of the rest."""
+        now = self.clock.now()
+        keep = next((j + 1 for j, e in enumerate(ff.ends) if e >= now), len(ff.ends))
+        if keep >= len(ff.ends):
+            return
+        flight = inst.flights[step_id]
+        self.ff_stats["cuts"] += 1
+        self.ff_stats["steps"] -= len(ff.ends) - keep
+        flight.repeat = keep
+        kv = inst.members[0].kv
+        for seq, _ in flight.sched.scheduled:
+            kv.shrink(seq.seq_id, seq.num_computed_tokens + keep)
+        ff.ends = ff.ends[:keep]
+        assert ff.event is not None
+        flight.shape = [(1, s.num_computed_tokens + keep - 1) for s, _ in flight.sched.scheduled]  # its last step's
+        ff.event.cancelled = True
+        self._busy[ff.rank] = ff.ends[-1]
+        ff.event = self._at(ff.ends[-1], ff.rank, msgspec.structs.replace(ff.event.msg, seconds=ff.last_seconds()))
+
+    def loads(self) -> list[InstanceLoad]:
+        """As the coordinator's, with a fast-forward's KV counted as the step-by-step run
+        holds it now (allocated a step at a time, at each step's start)."""
+        out = super().loads()
+        if not self._ff:
+            return out
+        now = self.clock.now()
+        ps = self.config.cache.page_size
+        ahead: dict[int, int] = {}
+        for ff in self._ff.values():
+            planned = 1 + sum(1 for e in ff.ends[:-1] if e <= now)  # steps begun by now
+            k = len(ff.ends)
+            ahead[ff.instance] = ahead.get(ff.instance, 0) + int((-(-(ff.computed + k) // ps)).sum()
+                                                                 - (-(-(ff.computed + planned) // ps)).sum())
+        return [replace(x, used_blocks=x.used_blocks - ahead.get(x.id, 0)) for x in out]
 
     # ------------------------------------------------------------------ the workers, simulated
 
@@ -128,6 +281,16 @@ class SimCluster(Cluster):
             rows = sum(len(work.seqs[r].tokens) for rr in work.remote for r in rr.rows)
             per_layer = rows * (2 * m.num_heads + 2 * m.num_kv_heads) * m.head_dim * self.config.device.torch_dtype.itemsize
             seconds += (layers[1] - layers[0]) * self.hw.link_seconds(per_layer)
+        ff, self._ff_planned = self._ff_planned, None
+        if ff is not None:  # k decode steps: their ends were costed when it was planned
+            end = ff.ends[-1]
+            self._busy[rank] = end
+            ff.event = self._at(end, rank, StageDone(work.step_id, work.instance, rank, ff.last_seconds(),
+                                                     [self._token] * len(work.samples)))
+            self._ff[work.step_id] = ff
+            self.ff_stats["flights"] += 1
+            self.ff_stats["steps"] += len(ff.ends)
+            return
         start = max(now, self._busy[rank])
         if not work.is_first:
             hidden = work.num_tokens * self.config.model.hidden_size * self.config.device.torch_dtype.itemsize
@@ -151,8 +314,10 @@ class SimCluster(Cluster):
         self._at(end, sender, TransferDone(msg.transfer_id, sender, nbytes, end - now))
         self._at(end, receiver, TransferDone(msg.transfer_id, receiver, nbytes, end - now))
 
-    def _at(self, t: float, rank: int, msg: Any) -> None:
-        heapq.heappush(self._queue, _Event(t, next(self._order), rank, msg))
+    def _at(self, t: float, rank: int, msg: Any) -> _Event:
+        ev = _Event(t, next(self._order), rank, msg)
+        heapq.heappush(self._queue, ev)
+        return ev
 
     def _page_bytes(self) -> int:
         return next(iter(self.workers.values())).ready.page_bytes  # type: ignore[union-attr]
@@ -165,6 +330,8 @@ class SimCluster(Cluster):
     # ------------------------------------------------------------------ time
 
     def next_event(self) -> float | None:
+        while self._queue and self._queue[0].cancelled:
+            heapq.heappop(self._queue)
         return self._queue[0].time if self._queue else None
 
     def _poll(self, timeout_s: float, wake_fd: int | None = None, outputs: list[RequestOutput] | None = None) -> None:
@@ -173,10 +340,42 @@ class SimCluster(Cluster):
         now = self.clock.now()
         while self._queue and self._queue[0].time <= now:
             ev = heapq.heappop(self._queue)
+            if ev.cancelled:
+                continue
+            if isinstance(ev.msg, StageDone) and ev.msg.step_id in self._ff:
+                ff = self._ff.pop(ev.msg.step_id)
+                flight = next((i.flights[ev.msg.step_id] for i in self.instances.values()  # (or a group's, merged)
+                               if ev.msg.step_id in i.flights), None)
+                if flight is not None:
+                    for seq, _ in flight.sched.scheduled:
+                        self.token_times[seq.request_id] = ff.ends
             self._handle(self.workers[ev.rank], ev.msg, outputs)
 
     def _watch(self, outputs: list[RequestOutput]) -> None:
-        pass  # simulated workers never die
+        """Simulated workers never die. Runs between the commits and `elastic.tick()`."""
+        self._cut_if_throttled()
+
+    def step(self, timeout_s: float = 0.0, wake_fd: int | None = None) -> list[RequestOutput]:
+        out = super().step(timeout_s, wake_fd)
+        self._cut_if_throttled()  # the trigger looks again at the next event, whoever's it is
+        return out
+
+    def _throttled(self) -> bool:
+        """Whether the parameter-centric trigger could merge replicas at the next event."""
+        if self.elastic is None:
+            return False
+        trigger = self.elastic.trigger
+        return any(len(i.members) == 1 and throttled(self.elastic._load(i), trigger) for i in self.instances.values())
+
+    def _cut_if_throttled(self) -> None:
+        """A merge may come at the next event of any instance (the step-by-step run has one at
+        each step end of each replica), so while a replica is throttled every fast-forward
+        ends with its step in progress, where the step-by-step run's replicas stand."""
+        if self._ff and self._throttled():
+            for step_id, ff in list(self._ff.items()):
+                inst = self.instances.get(ff.instance)
+                if inst is not None:
+                    self._cut(step_id, ff, inst)
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         pass

@@ -31,6 +31,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import cached_property
+from typing import Any
+
+import numpy as np
 
 from kunlite.config import ModelConfig
 from kunlite.engine.sizing import layer_params
@@ -148,13 +151,16 @@ class AnalyticStepCost:
         return layer_params(self.model)
 
     def work(self, batch: Batch, layers: tuple[int, int]) -> StepWork:
+        t, a, b, _ = step_features(batch)
+        return self._work(t, a, b, sum(q + c for q, c in batch), layers)
+
+    def _work(self, t: int, a: int, b: int, kv_tokens: int, layers: tuple[int, int]) -> StepWork:
+        """The work of a batch of t tokens, a attention pairs, b sequences, kv_tokens KV read."""
         cfg, e = self.model, self.elem_bytes
         l0, l1 = layers
         if not 0 <= l0 < l1 <= cfg.num_layers:
             raise ValueError(f"layer range {layers} is not inside [0, {cfg.num_layers})")
         n = l1 - l0
-        t, a, b, _ = step_features(batch)
-        kv_tokens = sum(q + c for q, c in batch)
         h, inter = cfg.hidden_size, cfg.intermediate_size
         act = 4 * h + cfg.qkv_size + cfg.q_size + 3 * inter
         linear = Work(flops=n * 2.0 * self._layer_params * t,
@@ -170,6 +176,23 @@ class AnalyticStepCost:
         return StepWork(linear, attention, Work(ends_flops, ends_bytes))
 
     def step_seconds(self, batch: Batch, layers: tuple[int, int]) -> float:
-        w = self.work(batch, layers)
+        return self._seconds(self.work(batch, layers))
+
+    def decode_steps_seconds(self, num_seqs: int, context_sum: int, steps: int,
+                             layers: tuple[int, int]) -> np.ndarray:
+        """(steps,) step_seconds of num_seqs decodes (q = 1) whose contexts sum to context_sum
+        in the first step and grow by one each a step, without the batches (the simulator's
+        fast-forward); the same floats, the same operations in the same order."""
+        n = num_seqs
+        ctx = context_sum + n * np.arange(steps, dtype=np.int64)  # (steps,) context sums
+        w = self._work(n, ctx + n, n, ctx + n, layers)  # attention over arrays; the rest scalars
+        d = self.device
+
+        def sec(x: Work) -> Any:
+            return np.maximum(x.flops / d.flops, x.bytes / d.bandwidth)
+
+        return sec(w.linear) + sec(w.attention) + sec(w.ends) + d.step_overhead_s
+
+    def _seconds(self, w: StepWork) -> float:
         d = self.device
         return w.linear.seconds(d) + w.attention.seconds(d) + w.ends.seconds(d) + d.step_overhead_s

@@ -46,13 +46,14 @@ class SimResult:
     timeline: list[tuple[float, list[tuple[int, int, int, int, int]]]] = field(default_factory=list)
     events: list[tuple[float, str, int]] = field(default_factory=list)
     wall_seconds: float = 0.0  # what the simulation itself took
+    fast_forward: dict[str, int] = field(default_factory=dict)  # SimCluster.ff_stats
 
 
 def simulate(options: EngineOptions, hardware: SimHardware, trace: list[TraceRequest], *,
              slos: dict[str, float] | None = None, tick_s: float = 0.5, sample_s: float = 1.0,
-             policy: str = "", seed: int = 0) -> SimResult:
+             policy: str = "", seed: int = 0, fast_forward: bool = True) -> SimResult:
     began = time.perf_counter()
-    c = SimCluster(options, hardware)
+    c = SimCluster(options, hardware, fast_forward=fast_forward)
     clock = c.clock
     rng = np.random.default_rng(seed)
     reqs = sorted(trace, key=lambda r: r.arrival)
@@ -86,11 +87,14 @@ def simulate(options: EngineOptions, hardware: SimHardware, trace: list[TraceReq
         for o in c.step(0.0):
             k = int(o.request_id)
             if o.new_token_ids:
-                if k not in first:
-                    first[k] = now
-                else:
-                    itl.setdefault(k, []).append(now - last[k])
-                last[k] = now
+                # A fast-forward's output holds several tokens; each came at its own step's end.
+                times = c.token_times.pop(o.request_id, [now]) if len(o.new_token_ids) > 1 else [now]
+                for t in times:
+                    if k not in first:
+                        first[k] = t
+                    else:
+                        itl.setdefault(k, []).append(t - last[k])
+                    last[k] = t
                 count[k] = count.get(k, 0) + len(o.new_token_ids)
             if o.finish_reason is not None:
                 rec = records[k]
@@ -117,7 +121,7 @@ def simulate(options: EngineOptions, hardware: SimHardware, trace: list[TraceReq
                 "restores": stats.num_restores_total, "exchanged_bytes": stats.exchanged_bytes_total,
                 "remote_attention_calls": stats.remote_attention_calls_total}
     return SimResult(policy, compute_metrics(records, duration, [50, 90, 99], slos), counters, records, timeline, events,
-                     time.perf_counter() - began)
+                     time.perf_counter() - began, dict(c.ff_stats))
 
 
 def _devices(c: SimCluster) -> list[tuple[int, int, int, int, int]]:

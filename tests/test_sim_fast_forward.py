@@ -1,0 +1,100 @@
+"""The simulator's fast-forward (k decode steps of a replica as one flight) is the same run as
+stepping one decode at a time: every request's TTFT, ITLs and E2E, and every policy counter,
+equal to the last bit, under memory pressure, with arrivals cutting flights short."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kunlite.config import parse_size
+from kunlite.engine.args import EngineOptions
+from kunlite.sim.cluster import SimHardware
+from kunlite.sim.simulate import POLICIES, simulate
+from kunlite.sim.traces import TraceRequest
+from tiny_models import make_tiny_model
+
+
+class LinearCost:
+    """A step costs more with its tokens and their context, so each decode step of a flight
+    has its own length."""
+
+    def step_seconds(self, batch, layers) -> float:  # type: ignore[no-untyped-def]
+        return 0.004 + sum(q * 2e-4 + q * (c + q) * 2e-6 for q, c in batch)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_root: Path) -> Path:
+    return make_tiny_model(tiny_root, "llama-gqa-tied")
+
+
+def trace(n: int = 60, seed: int = 1) -> list[TraceRequest]:
+    rng = np.random.default_rng(seed)
+    t = np.cumsum(rng.exponential(0.05, n))  # (n,) arrivals, a few steps apart
+    return [TraceRequest(float(t[i]), int(rng.integers(5, 60)), int(rng.integers(5, 90))) for i in range(n)]
+
+
+# Seeds where a replica is throttled (and the group merged) while the other fast-forwards:
+# kunserve's flights must end with their step in progress, and the merged group's cost fit
+# must see the absorbed flight's last step (both failed before they were handled).
+@pytest.mark.parametrize("policy,seed", [("recompute", 1), ("swap", 1), ("migrate", 1), ("kunserve-remote", 1),
+                                         ("kunserve-remote", 9), ("kunserve-stall", 0), ("kunserve-stall", 5),
+                                         ("kunserve-stall", 9), ("kunserve-recompute", 21)])
+def test_fast_forward_is_the_same_run(tiny: Path, policy: str, seed: int) -> None:
+    hw = SimHardware(LinearCost(), lambda n: 1e-4 + n / 1e9, lambda n: 1e-5 + n / 1e10, 1e12, parse_size("700KiB"))
+    opts = replace(EngineOptions(model=str(tiny), devices=2, dtype="float32", page_size=4, max_model_len=256,
+                                 max_num_batched_tokens=64, enable_prefix_caching=False, calm_window=0.5),
+                   **POLICIES[policy])
+    reqs = trace(seed=seed)
+    step = simulate(opts, hw, reqs, policy=policy, fast_forward=False)
+    fast = simulate(opts, hw, reqs, policy=policy, fast_forward=True)
+    assert step.metrics["completed"] == len(reqs)
+    assert step.counters["preemptions"] > 0  # the pool runs out: the policy acts
+    assert [(r.status, r.ttft, r.itl, r.e2e, r.output_tokens) for r in fast.records] == \
+        [(r.status, r.ttft, r.itl, r.e2e, r.output_tokens) for r in step.records]
+    assert fast.counters == step.counters
+    assert step.fast_forward["flights"] == 0
+    if policy == "migrate":  # off: live migration acts on running requests at any step
+        assert fast.fast_forward["flights"] == 0
+    else:
+        assert fast.fast_forward["steps"] > 2 * fast.fast_forward["flights"] > 0
+
+
+def test_an_arrival_cuts_a_flight_where_the_step_by_step_run_would_schedule_it(tiny: Path) -> None:
+    # Two long generations, one per replica, both fast-forwarding; a third request arrives in
+    # the middle of a step and must start right after that step, not after the flight.
+    hw = SimHardware(LinearCost(), lambda n: 0.0, lambda n: 0.0, 1e12, parse_size("8MiB"))
+    opts = EngineOptions(model=str(tiny), devices=2, dtype="float32", page_size=4, max_model_len=256,
+                         max_num_batched_tokens=64, enable_prefix_caching=False)
+    reqs = [TraceRequest(0.0, 10, 200), TraceRequest(0.0, 10, 200), TraceRequest(0.5003, 8, 5)]
+    step = simulate(opts, hw, reqs, fast_forward=False)
+    fast = simulate(opts, hw, reqs, fast_forward=True)
+    assert fast.fast_forward["cuts"] >= 1
+    assert [(r.ttft, r.itl, r.e2e) for r in fast.records] == [(r.ttft, r.itl, r.e2e) for r in step.records]
+
+
+@pytest.mark.parametrize("which", ["analytic", "fitted"])
+def test_decode_steps_cost_the_same_floats_as_their_batches(which: str) -> None:
+    from kunlite.engine.step_cost import FittedStepCost, StepCostWeights
+    from kunlite.sim.hardware import AnalyticStepCost, get_device
+    from kunlite.sim.model_configs import builtin_config_dict
+    from kunlite.config import ModelConfig
+
+    if which == "analytic":
+        model = ModelConfig.from_dict(builtin_config_dict("qwen2.5-14b"))
+        cost = AnalyticStepCost(model, get_device("a800"))
+        ranges = [(0, 48), (0, 24), (24, 48), (10, 11)]
+    else:
+        cost = FittedStepCost(StepCostWeights(2.5e-3, 2.4e-6, 1.5e-3, 1.1e-2), 30)
+        ranges = [(0, 30), (0, 15), (15, 30)]
+    rng = np.random.default_rng(0)
+    for layers in ranges:
+        for n in (1, 7, 256):
+            ctx = rng.integers(0, 4000, n)  # (n,) contexts of the first step
+            k = 33
+            want = [cost.step_seconds([(1, int(c) + j) for c in ctx], layers) for j in range(k)]
+            got = cost.decode_steps_seconds(n, int(ctx.sum()), k, layers).tolist()
+            assert got == want  # bit for bit: the fast-forward's clock must be the step-by-step one
