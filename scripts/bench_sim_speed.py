@@ -1,0 +1,63 @@
+"""How fast the simulator runs: wall seconds per policy for a trace of a given length.
+
+    python scripts/bench_sim_speed.py --devices 8 --duration 3600      # 8 x A800, Qwen2.5-14B
+    python scripts/bench_sim_speed.py --devices 64 --device h800 --model qwen2.5-72b --rate 24 --duration 600
+
+Any `kunlite simulate` option after `--` is passed on (the trace: --rate, --burst-factor, ...).
+Prints one row per policy: simulated seconds, wall seconds, their ratio, steps run inside
+fast-forwards, and the requests completed; with --step-by-step, each policy also without
+fast-forward, and whether the two runs agree (every request's TTFT, ITLs and E2E).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import time
+from dataclasses import replace
+
+from kunlite.engine.args import EngineOptions
+from kunlite.sim import cli
+from kunlite.sim.simulate import POLICIES, simulate
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--devices", type=int, default=8)
+    p.add_argument("--device", default="a800")
+    p.add_argument("--model", default="qwen2.5-14b")
+    p.add_argument("--duration", type=float, default=3600.0)
+    p.add_argument("--rate", type=float, default=6.0)
+    p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--step-by-step", action="store_true", help="also run without fast-forward and compare")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    a = p.parse_args()
+    argv = ["--model", a.model, "--device", a.device, "--devices", str(a.devices), "--synthetic",
+            "--duration", str(a.duration), "--rate", str(a.rate)] + [x for x in a.rest if x != "--"]
+    args = cli._resolve(cli.build_parser().parse_args(argv))
+    opts = EngineOptions(model=cli.model_dir(args.model), devices=args.devices, dtype=args.dtype,
+                         page_size=args.page_size, max_num_seqs=args.max_num_seqs or 256,
+                         max_num_batched_tokens=args.max_num_batched_tokens or 4096, enable_prefix_caching=False)
+    hw = cli.hardware(args, opts.build().model)
+    trace = cli.trace_of(args)
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print(f"# {platform.node()} {time.strftime('%Y-%m-%d %H:%M')} ({rev}): {a.devices} x {a.device}, {a.model}, "
+          f"{len(trace)} requests over {a.duration:g} s of trace ({' '.join(argv)})")
+    print("| policy | simulated (s) | wall (s) | x real time | steps fast-forwarded | completed | step by step (s) | same run |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for name in a.policies.split(","):
+        o = replace(opts, **POLICIES[name])
+        r = simulate(o, hw, trace, policy=name)
+        end = max((x.end or 0.0) for x in r.records)
+        slow, same = "", ""
+        if a.step_by_step:
+            s = simulate(o, hw, trace, policy=name, fast_forward=False)
+            key = lambda res: [(x.status, x.ttft, x.itl, x.e2e) for x in res.records]  # noqa: E731
+            slow, same = f"{s.wall_seconds:.1f}", "yes" if key(s) == key(r) and s.counters == r.counters else "NO"
+        print(f"| {name} | {end:.0f} | {r.wall_seconds:.1f} | {end / r.wall_seconds:.0f} | "
+              f"{r.fast_forward['steps']} | {r.metrics['completed']}/{len(trace)} | {slow} | {same} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
