@@ -23,10 +23,10 @@ steps' costs, and the tokens commit together, with each step's end kept for the 
 the same run, step for step: k stops before any sequence would end and before the KV runs
 out; an arrival dispatched to the instance cuts the flight at the end of the step in progress (its unused KV released), where the step-by-step run would
 schedule it; `loads()` shows the dispatcher each flight's KV as allocated step by step; and
-under `kunserve` every flight is cut the same way as soon as a replica is throttled, before
-the trigger can merge it, and none starts while a merged group exists (the calm watch samples
-the load at every event). Under `migrate` it is off: live migration takes running requests
-and reserves KV at any step.
+every flight is cut the same way as soon as the overload policy may act (a replica throttled
+under `kunserve`, an instance short of KV or a migration going on under `migrate`), and none
+starts meanwhile, nor while a merged group exists (its calm watch samples the load at every
+event).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from kunlite.engine.args import EngineOptions
 from kunlite.engine.clock import VirtualClock
 from kunlite.engine.cluster.coordinator import Cluster
 from kunlite.engine.cluster.dispatch import InstanceLoad
+from kunlite.engine.cluster.migrate import RESERVE_FRACTION, short_of_kv
 from kunlite.engine.cluster.launch import WorkerState
 from kunlite.engine.cluster.messages import (CopyPages, Ready, RecvPages, RestoreLayers, SendPages, SendParams,
                                              TransferDone)
@@ -141,8 +142,8 @@ class SimCluster(Cluster):
     # ------------------------------------------------------------------ fast-forward
 
     def _plan_all(self, outputs: list[RequestOutput]) -> None:
-        if self.fast_forward and not self.quiescing and self.migrator is None and (
-                self.elastic is None or not (self.elastic.groups or self._throttled())):
+        if self.fast_forward and not self.quiescing and not (self.elastic is not None and self.elastic.groups) \
+                and not self._throttled():
             for inst in list(self.instances.values()):
                 ff = self._steps_ahead(inst)
                 if ff is None:
@@ -185,10 +186,17 @@ class SimCluster(Cluster):
         def blocks(k: int) -> int:
             return int(np.maximum(-(-(computed + k) // ps) - have, 0).sum())
 
-        while k >= 2 and blocks(k) > free:  # the KV all k steps take must be there now
-            k = max(k // 2, min(k - 1, 2))
-        if k < 2:
+        # The KV all k steps take must be there now; under `migrate`, the instance must not run
+        # short of KV within them either (the step-by-step run could start a migration then).
+        reserve = RESERVE_FRACTION * kv.num_total_blocks if self.migrator is not None else 0.0
+        fits = lambda k: blocks(k) <= free and free - blocks(k) >= reserve  # noqa: E731 - monotone in k
+        if not fits(2):
             return None
+        lo, hi = 2, k  # the most steps that fit
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        k = lo
         rank = inst.members[0].rank
         layers = inst.members[0].layers
         start = max(self.clock.now(), self._busy[rank])
@@ -361,16 +369,21 @@ class SimCluster(Cluster):
         return out
 
     def _throttled(self) -> bool:
-        """Whether the parameter-centric trigger could merge replicas at the next event."""
-        if self.elastic is None:
-            return False
-        trigger = self.elastic.trigger
-        return any(len(i.members) == 1 and throttled(self.elastic._load(i), trigger) for i in self.instances.values())
+        """Whether the overload policy could act at the next event: the parameter-centric
+        trigger merge replicas, or live migration start or go on."""
+        if self.elastic is not None:
+            trigger = self.elastic.trigger
+            if any(len(i.members) == 1 and throttled(self.elastic._load(i), trigger)
+                   for i in self.instances.values()):
+                return True
+        if self.migrator is not None:
+            return bool(self.migrator.active) or any(short_of_kv(x) for x in self.loads())
+        return False
 
     def _cut_if_throttled(self) -> None:
-        """A merge may come at the next event of any instance (the step-by-step run has one at
-        each step end of each replica), so while a replica is throttled every fast-forward
-        ends with its step in progress, where the step-by-step run's replicas stand."""
+        """The policy may act at the next event of any instance (the step-by-step run has one
+        at each step end of each replica), so while it may, every fast-forward ends with its
+        step in progress, where the step-by-step run's replicas stand."""
         if self._ff and self._throttled():
             for step_id, ff in list(self._ff.items()):
                 inst = self.instances.get(ff.instance)
