@@ -343,7 +343,8 @@ class Instance:
         self.observe_stage(done)
         flight = self.flights.pop(done.step_id)
         k = flight.repeat
-        self.step_cost.observe(flight.shape, flight.slowest)  # of its last step, when it stands for k
+        if self.num_stages > 1:  # only a pipeline splits microbatches by cost (a merged group starts its own fit)
+            self.step_cost.observe(flight.shape, flight.slowest)  # of its last step, when it stands for k
         if not self.flights:
             self.bubbles.idle(self.clock.now())
         if done.step_id in self._own_steps and self.first_committed is None:
