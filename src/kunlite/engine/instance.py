@@ -113,6 +113,7 @@ class Instance:
         self.microbatch = microbatch  # how a pipeline splits its work: balanced (by cost) or even
         self.step_cost = OnlineStepCost()
         self.bubbles = BubbleMeter(len(members))
+        self.page_tables = True  # False: StageWork carries no page table (the simulator has no device to read it)
         self.first_planned: float | None = None  # perf_counter of its first own step: plan and commit
         self.first_committed: float | None = None
         self._own_steps: set[int] = set()
@@ -231,7 +232,8 @@ class Instance:
         take_moves = getattr(self.scheduler.policy, "take_moves", None)
         for i, m in enumerate(self.members):
             remote = self._remote_rows(step_id, m, sched, seqs)
-            table, shape = pack_pages(self._page_table(m, sched, {r for rr in remote for r in rr.rows}))
+            table, shape = pack_pages(self._page_table(m, sched, {r for rr in remote for r in rr.rows})) \
+                if self.page_tables else (b"", (0, 0, 0))
             src, dst = m.kv.page_copies([(s, d) for j, s, d in copies if j == i])
             swap_out, swap_in = take_moves(i) if take_moves else (HostMoves(), HostMoves())
             works.append(StageWork(

@@ -53,7 +53,7 @@ from kunlite.engine.plan import throttled
 from kunlite.engine.model import param_groups
 from kunlite.engine.sizing import pool_sizing
 from kunlite.engine.step_cost import StepCost
-from kunlite.engine.instance import Instance
+from kunlite.engine.instance import Instance, Member
 from kunlite.engine.work import StageDone, StageWork
 
 log = logging.getLogger("kunlite.sim")
@@ -138,6 +138,11 @@ class SimCluster(Cluster):
             first += sizes[name]
         return Ready(rank, "sim", sizing.num_pages, sizing.page_bytes, list(range(first, sizing.num_pages)),
                      first, first * sizing.page_bytes, groups)
+
+    def make_instance(self, iid: int, members: list[Member]) -> Instance:
+        inst = super().make_instance(iid, members)
+        inst.page_tables = False  # no device reads them here
+        return inst
 
     # ------------------------------------------------------------------ fast-forward
 
