@@ -440,7 +440,7 @@ class BlockManager:
         b, _ = self._free.popitem(last=False)
         self._evict_hash(b)
         self._ref[b] = 1
-        self._used_page_count += self.width(b)
+        self._used_page_count += self.layers_per_block  # a free block is of the current range (check())
         return b
 
     def _take(self, b: int) -> None:

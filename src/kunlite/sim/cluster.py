@@ -31,6 +31,7 @@ event).
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import logging
@@ -173,10 +174,13 @@ class SimCluster(Cluster):
         if kv.enable_prefix_caching:
             return None
         k = FAST_FORWARD_STEPS
+        lo, hi = kv.layers
+        last = kv.block_range[[kv.tables[s.seq_id][-1] for s in seqs]]  # (B, 2): new blocks take this range
+        if not ((last[:, 0] == lo) & (last[:, 1] == hi)).all():
+            return None  # some grow in blocks of an older range, from spare pages: not what blocks() counts
         for s in seqs:
             p = s.params
-            if self._token in p.stop_token_ids or (not p.ignore_eos and self._token in self.eos) \
-                    or kv.seq_range(s.seq_id) != kv.layers:
+            if self._token in p.stop_token_ids or (not p.ignore_eos and self._token in self.eos):
                 return None
             if p.max_tokens is not None:
                 k = min(k, p.max_tokens - len(s.output_token_ids))  # none ends before the last step
@@ -254,7 +258,7 @@ class SimCluster(Cluster):
         ps = self.config.cache.page_size
         ahead: dict[int, int] = {}
         for ff in self._ff.values():
-            planned = 1 + sum(1 for e in ff.ends[:-1] if e <= now)  # steps begun by now
+            planned = 1 + bisect.bisect_right(ff.ends, now, 0, len(ff.ends) - 1)  # steps begun by now
             k = len(ff.ends)
             ahead[ff.instance] = ahead.get(ff.instance, 0) + int((-(-(ff.computed + k) // ps)).sum()
                                                                  - (-(-(ff.computed + planned) // ps)).sum())

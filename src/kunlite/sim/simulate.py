@@ -130,19 +130,21 @@ def _devices(c: SimCluster) -> list[tuple[int, int, int, int, int]]:
     pb = c._page_bytes()
     for inst in c.instances.values():
         for m in inst.members:
-            ready = c.workers[m.rank].ready
-            held = sum(n for g, (_, n) in ready.groups.items() if g in _needed(c, m.layers))  # type: ignore[union-attr]
+            held = _held_pages(c, m.rank, m.layers)
             out.append((m.rank, held * pb, m.kv.num_used_pages * pb, m.kv.num_kv_pages * pb, m.layers[1] - m.layers[0]))
     return sorted(out)
 
 
-def _needed(c: SimCluster, layers: tuple[int, int]) -> set[str]:
+def _held_pages(c: SimCluster, rank: int, layers: tuple[int, int]) -> int:
+    """Parameter pages a device running `layers` holds (a device's groups never change size)."""
     from kunlite.engine.model import needed_groups
 
-    cache = c.__dict__.setdefault("_needed_cache", {})  # a layer range's groups never change
-    if layers not in cache:
-        cache[layers] = set(needed_groups(c.config.model, layers))
-    return cache[layers]
+    cache = c.__dict__.setdefault("_held_cache", {})
+    if (rank, layers) not in cache:
+        ready = c.workers[rank].ready
+        needed = set(needed_groups(c.config.model, layers))
+        cache[rank, layers] = sum(n for g, (_, n) in ready.groups.items() if g in needed)  # type: ignore[union-attr]
+    return cache[rank, layers]
 
 
 def run_policies(base: EngineOptions, hardware: SimHardware, trace: list[TraceRequest], policies: list[str], *,
