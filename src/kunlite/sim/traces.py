@@ -157,6 +157,13 @@ class SyntheticTrace:
     rows (request tokens: median a few hundred, a tail into the thousands; responses: median
     around 250): prompts median 400 with sigma 1.0 (P90 ~1.4k, P99 ~4k, capped at 4096),
     outputs median 250 with sigma 0.8 (P90 ~700, capped at 2048).
+
+    `long_fraction` of the requests (0 by default) are long-lived instead: chain-of-thought-like
+    outputs, lognormal with `long_output_median` / `long_output_sigma`, capped at
+    `long_output_max` (reasoning traces such as the codeforces-cots data KunServe also
+    replays run to thousands of tokens). Which requests are long is drawn independently of
+    their arrival; with long_fraction 0 nothing more is drawn, so the trace of a seed is
+    the same as before the knob existed.
     """
 
     num_requests: int = 1000
@@ -172,6 +179,10 @@ class SyntheticTrace:
     output_median: float = 250.0
     output_sigma: float = 0.8
     output_max: int = 2048
+    long_fraction: float = 0.0  # share of requests with chain-of-thought-like long outputs
+    long_output_median: float = 3000.0
+    long_output_sigma: float = 0.5
+    long_output_max: int = 8192
     seed: int = 0
 
 
@@ -187,6 +198,12 @@ def generate(spec: SyntheticTrace) -> list[TraceRequest]:
         raise ValueError(f"unknown arrival process {spec.arrival!r} (mmpp, gamma)")
     ins = lognormal_lengths(n, spec.prompt_median, spec.prompt_sigma, spec.prompt_max, rng)
     outs = lognormal_lengths(n, spec.output_median, spec.output_sigma, spec.output_max, rng)
+    if not 0.0 <= spec.long_fraction <= 1.0:
+        raise ValueError(f"long_fraction must be in [0, 1], got {spec.long_fraction}")
+    if spec.long_fraction > 0:  # drawn after everything else: the rest of the trace is unchanged
+        long = rng.random(n) < spec.long_fraction
+        outs = np.where(long, lognormal_lengths(n, spec.long_output_median, spec.long_output_sigma,
+                                                spec.long_output_max, rng), outs)
     return [TraceRequest(float(t), int(i), int(o)) for t, i, o in zip(at, ins, outs)]
 
 
