@@ -362,8 +362,7 @@ class Instance:
         for r, seq in enumerate(rows):
             if seq.seq_id in self._aborting:
                 continue
-            for _ in range(k):
-                seq.append_token(done.tokens[r])
+            seq.append_token(done.tokens[r], k)
             reason = stop_reason(seq, self.eos, self.max_model_len)
             if reason is not None:
                 self.scheduler.finish(seq, reason)

@@ -65,9 +65,10 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
 
-    def append_token(self, token_id: int) -> None:
-        self.output_token_ids.append(token_id)
-        self.token_ids.append(token_id)
+    def append_token(self, token_id: int, times: int = 1) -> None:
+        """The sampled token (`times` over: the steps a simulator's fast-forward stands for)."""
+        self.output_token_ids.extend([token_id] * times)
+        self.token_ids.extend([token_id] * times)
 
     def priority_key(self) -> tuple[int, float, int]:
         """Smaller runs first: priority, then arrival, then admission order."""
