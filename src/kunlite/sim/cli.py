@@ -22,18 +22,32 @@ import argparse
 import json
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from kunlite.config import ConfigError, parse_size
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # KunServe's evaluation: 8 x A800-80GB serving Qwen2.5-14B under a BurstGPT-like burst.
-    "kunserve-a800": dict(model="qwen2.5-14b", device="a800", devices=8, duration=600.0, rate=6.0,
-                          burst_factor=8.0, max_num_seqs=256, max_num_batched_tokens=4096),
-    # ... and 64 H800 (8 nodes of 8) serving Qwen2.5-72B.
-    "kunserve-h800-64": dict(model="qwen2.5-72b", device="h800", devices=64, duration=600.0, rate=24.0,
-                             burst_factor=8.0, max_num_seqs=256, max_num_batched_tokens=4096),
+    # KunServe's evaluation (arXiv 2412.18169): 8 x A800-80GB serving Qwen2.5-14B, one replica per
+    # GPU, when a burst lands on KV already filled by long-lived requests. The trace (seed 11):
+    # ~130 s of calm at ~5.5 req/s, 70% of them chain-of-thought-like (outputs median 4000
+    # tokens, capped at 8192), which fills the KV pool; then a ~20 s burst of 8x the calm
+    # rate; then calm again (~195 s of arrivals in all). max_num_seqs is high enough that KV,
+    # not the sequence cap, is what runs out. docs/simulations.md has the tables.
+    "kunserve-a800": dict(model="qwen2.5-14b", device="a800", devices=8, duration=180.0, rate=7.8,
+                          burst_factor=8.0, burst_seconds=15.0, calm_seconds=240.0, seed=11,
+                          long_fraction=0.7, long_output_median=4000.0, long_output_max=8192,
+                          max_num_seqs=1024, max_num_batched_tokens=4096, max_model_len=16384),
+    # ... and 64 H800 (8 nodes of 8) serving Qwen2.5-72B: 145 GB of weights need more than one
+    # GPU, so an instance is 4 GPUs (tensor-parallel 4, simulated as one device of 4 GPUs'
+    # compute, memory and links): 16 replicas. NOT YET TUNED: the same trace as the A800 preset,
+    # but these 16 replicas hold ~4x its KV (7.8 M tokens against 1.9 M), so this does not
+    # overflow; it needs ~4x the load, and a seed whose burst lands on a full pool.
+    "kunserve-h800-64": dict(model="qwen2.5-72b", device="h800", devices=64, tensor_parallel=4, duration=180.0,
+                             rate=7.8, burst_factor=8.0, burst_seconds=15.0, calm_seconds=240.0, seed=11,
+                             long_fraction=0.7, long_output_median=4000.0, long_output_max=8192,
+                             max_num_seqs=1024, max_num_batched_tokens=4096, max_model_len=16384),
 }
 
 
@@ -58,7 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=None, help="seconds of synthetic trace")
     p.add_argument("--rate", type=float, default=None, help="mean requests per second of the synthetic trace")
     p.add_argument("--burst-factor", type=float, default=None, help="a burst's rate over the base rate")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--burst-seconds", type=float, default=None, help="mean length of a burst (default 20)")
+    p.add_argument("--calm-seconds", type=float, default=None, help="mean time between bursts (default 120)")
+    p.add_argument("--long-fraction", type=float, default=None,
+                   help="share of requests with chain-of-thought-like long outputs (default 0)")
+    p.add_argument("--long-output-median", type=float, default=None, help="their median output tokens (default 3000)")
+    p.add_argument("--long-output-max", type=int, default=None, help="their output cap (default 8192)")
+    p.add_argument("--tensor-parallel", type=int, default=None,
+                   help="analytic GPUs per instance: this many GPUs act as one device, their FLOP/s, HBM, memory "
+                        "and links added up (the all-reduces are not costed); --devices counts GPUs")
+    p.add_argument("--seed", type=int, default=None, help="of the synthetic trace (default 0)")
     p.add_argument("--policies", default="recompute,swap,migrate,pp2,kunserve-stall,kunserve-remote,kunserve-recompute")
     p.add_argument("--slo-ttft", type=float, default=5.0, help="seconds, for goodput")
     p.add_argument("--slo-tpot", type=float, default=0.5, help="seconds, for goodput")
@@ -70,14 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.preset:
         for k, v in PRESETS[args.preset].items():
-            if getattr(args, k, None) in (None, False):
+            if getattr(args, k, None) is None or getattr(args, k) is False:  # not given (0 is given)
                 setattr(args, k, v)
         if not args.trace:
             args.synthetic = True
     args.devices = args.devices or 2
+    args.tensor_parallel = args.tensor_parallel or 1
+    if args.tensor_parallel < 1 or args.devices % args.tensor_parallel:
+        raise SystemExit(f"error: --devices {args.devices} is not a multiple of --tensor-parallel {args.tensor_parallel}")
+    if args.tensor_parallel > 1 and args.profile:
+        raise SystemExit("error: --tensor-parallel is for the analytic GPUs (--device), not a measured --profile")
     args.duration = args.duration or 600.0
     args.rate = args.rate or 4.0
     args.burst_factor = args.burst_factor or 8.0
+    args.seed = args.seed or 0
     return args
 
 
@@ -111,9 +140,16 @@ def hardware(args: argparse.Namespace, model: Any) -> Any:
     from kunlite.sim.link import LinkKind, link_for
 
     dev = get_device(args.device or "h100")
+    tp = args.tensor_parallel
     inter = link_for(LinkKind.NVLINK if args.devices <= 8 else LinkKind.INFINIBAND, dev)
+    memory = parse_size(args.device_memory) if args.device_memory else tp * dev.pool_bytes()
+    if tp > 1:  # tp GPUs as one device: their FLOP/s, HBM and links add up (each GPU has its own)
+        dev = replace(dev, name=f"{tp} x {dev.name}", bf16_flops=tp * dev.bf16_flops,
+                      hbm_bandwidth=tp * dev.hbm_bandwidth, memory_bytes=tp * dev.memory_bytes,
+                      nvlink_bandwidth=tp * dev.nvlink_bandwidth, pcie_bandwidth=tp * dev.pcie_bandwidth,
+                      ib_bandwidth=tp * dev.ib_bandwidth)
+        inter = link_for(LinkKind.NVLINK if args.devices <= 8 else LinkKind.INFINIBAND, dev)
     pcie = link_for(LinkKind.PCIE, dev)
-    memory = parse_size(args.device_memory) if args.device_memory else dev.pool_bytes()
     return SimHardware(AnalyticStepCost(model, dev, elem_bytes=2), inter.seconds, pcie.seconds, dev.bandwidth, memory)
 
 
@@ -127,8 +163,10 @@ def trace_of(args: argparse.Namespace) -> list[Any]:
         if args.upscale != 1.0:
             reqs = traces.upscale(reqs, args.upscale, seed=args.seed)
         return reqs
+    shape = {k: getattr(args, k) for k in ("burst_seconds", "calm_seconds", "long_fraction", "long_output_median",
+                                          "long_output_max") if getattr(args, k) is not None}
     spec = traces.SyntheticTrace(num_requests=max(int(args.duration * args.rate), 1), rate=args.rate,
-                                 burst_factor=args.burst_factor, seed=args.seed)
+                                 burst_factor=args.burst_factor, seed=args.seed, **shape)
     return traces.generate(spec)
 
 
@@ -140,7 +178,7 @@ def main(argv: list[str]) -> int:
 
     try:
         mdir = model_dir(args.model)
-        opts = EngineOptions(model=mdir, devices=args.devices, dtype=args.dtype, page_size=args.page_size,
+        opts = EngineOptions(model=mdir, devices=args.devices // args.tensor_parallel, dtype=args.dtype, page_size=args.page_size,
                              max_num_seqs=args.max_num_seqs or 64, max_num_batched_tokens=args.max_num_batched_tokens,
                              max_model_len=args.max_model_len, enable_prefix_caching=False)
         model = opts.build().model
@@ -171,7 +209,10 @@ def summary(r: Any) -> dict[str, Any]:
 
 
 def format_table(results: list[Any], args: argparse.Namespace, n: int) -> str:
-    head = (f"# simulated: {args.devices} x {args.device or 'cpu (profile)'}, model {args.model}, {n} requests; "
+    tp = getattr(args, "tensor_parallel", 1) or 1
+    gpus = f"{args.devices} x {args.device or 'cpu (profile)'}" + (
+        f" ({args.devices // tp} instances of tensor-parallel {tp})" if tp > 1 else "")
+    head = (f"# simulated: {gpus}, model {args.model}, {n} requests; "
             f"SLOs TTFT <= {args.slo_ttft:g} s, TPOT <= {args.slo_tpot:g} s")
     rows = ["| policy | TTFT P50 (s) | TTFT P99 (s) | TPOT P50 (s) | TPOT P99 (s) | goodput (req/s) | completed | "
             "failed | preemptions | swaps | migrations | drops | restores | simulated in (s) |",
