@@ -9,6 +9,7 @@ at still holds the value its tokens imply.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -286,3 +287,28 @@ class BlockMachine(RuleBasedStateMachine):
 
 TestBlockMachine = BlockMachine.TestCase
 TestBlockMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_covers_many_agrees_with_covers_one_by_one() -> None:
+    """A pipeline stage asks covers() of every sequence at once; the answers must be the ones
+    asked one at a time, over blocks of several ranges, empty tables and unknown sequences."""
+    rng = np.random.default_rng(3)
+    bm = BlockManager(num_layers=6, layers=(0, 6), pages=range(600), page_size=4, enable_prefix_caching=False)
+    for i in range(8):
+        bm.allocate(f"s{i}", int(rng.integers(1, 30)))
+    bm.allocate("parent", 10)
+    bm.fork("parent", "child", 10)
+    bm.allocate("child", 24)
+    bm.trim("child", (3, 6))  # its own blocks narrow, the shared ones keep [0, 6): a mixed table
+    bm.set_layers((0, 3))
+    for i in range(8):  # half of them grow blocks of the old range, some new ones of the new
+        if i % 2:
+            bm.allocate(f"s{i}", len(bm.tables[f"s{i}"]) * 4 + int(rng.integers(1, 9)))
+    for i in range(8, 12):
+        bm.allocate(f"s{i}", int(rng.integers(1, 20)))
+    bm.allocate("empty", 0)
+    assert {tuple(bm.block_range[b]) for b in bm.tables["child"]} == {(0, 6), (3, 6)}
+    ids = [f"s{i}" for i in range(12)] + ["empty", "unknown", "parent", "child"]
+    for layers in [(0, 3), (0, 6), (3, 6), (1, 2)]:
+        want = [sid in bm.tables and bm.covers(sid, layers) for sid in ids]
+        assert bm.covers_many(ids, layers).tolist() == want

@@ -134,6 +134,23 @@ class BlockManager:
         r = self.block_range[table]  # (n, 2)
         return bool(r[:, 0].max() <= layers[0] and layers[1] <= r[:, 1].min())
 
+    def covers_many(self, seq_ids: Sequence[str], layers: tuple[int, int]) -> np.ndarray:
+        """(n,) bool: covers() of each sequence, False for one this manager holds nothing of;
+        one lookup for all (a pipeline stage asks this of every sequence of every step)."""
+        held = [i for i, sid in enumerate(seq_ids) if sid in self.tables]
+        out = np.zeros(len(seq_ids), dtype=bool)  # (n,)
+        tables = [self.tables[seq_ids[i]] for i in held]
+        lengths = np.array([len(t) for t in tables], dtype=np.int64)  # (h,)
+        full = lengths > 0
+        out[[i for i, f in zip(held, full) if not f]] = True  # no blocks: nothing to miss
+        if full.any():
+            r = self.block_range[[b for t in tables for b in t]]  # (sum of lengths, 2)
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])[full]  # (f,) first row of each table
+            lo = np.maximum.reduceat(r[:, 0], starts)  # (f,) the highest first layer of its blocks
+            hi = np.minimum.reduceat(r[:, 1], starts)  # (f,) the lowest end
+            out[[i for i, f in zip(held, full) if f]] = (lo <= layers[0]) & (layers[1] <= hi)
+        return out
+
     def seq_range(self, seq_id: str) -> tuple[int, int] | None:
         """The layers every block of the sequence holds (their intersection); None if no blocks."""
         table = self._table(seq_id)
@@ -221,6 +238,8 @@ class BlockManager:
         """Whether allocate() can grow the sequence to num_tokens tokens, with `extra_blocks`
         more blocks of the current range left over (for forks in the same step)."""
         need = self.blocks_needed(seq_id, num_tokens, computed_blocks)
+        if need == 0 and extra_blocks == 0:
+            return True  # most decode steps: the last block has room
         rng = self._alloc_range(seq_id)
         if rng == self.layers:
             return need + extra_blocks <= len(self._free)
@@ -233,6 +252,9 @@ class BlockManager:
         (prefix-cache hits, only for a sequence with no blocks yet). New blocks cover the layers
         of the sequence's existing blocks, or the current range for a new sequence. Returns the
         new blocks."""
+        table = self.tables.get(seq_id)
+        if table is not None and not computed_blocks and -(-num_tokens // self.page_size) <= len(table):
+            return []  # it holds them already
         if not self.can_allocate(seq_id, num_tokens, computed_blocks):
             raise BlockManagerError(f"allocate for {seq_id!r} without room; ask can_allocate first")
         rng = self._alloc_range(seq_id)

@@ -279,8 +279,9 @@ class Instance:
         """The rows whose KV of m's layers is on another member, by holder; each holder is told
         what to serve (`remote_serves`)."""
         by_holder: dict[int, list[int]] = {}
+        here = m.kv.covers_many([s.seq_id for s, _ in sched.scheduled], m.layers)  # (B,)
         for r, (s, _) in enumerate(sched.scheduled):
-            if s.seq_id in m.kv.tables and m.kv.covers(s.seq_id, m.layers):
+            if here[r]:
                 continue
             holder = next((h for h in self.members if s.seq_id in h.kv.tables and h.kv.covers(s.seq_id, m.layers)),
                           None)
