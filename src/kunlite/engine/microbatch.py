@@ -21,7 +21,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from kunlite.engine.step_cost import Batch, StepCostWeights, fit_weights
+import numpy as np
+
+from kunlite.engine.step_cost import Batch, StepCostWeights, fit_feature_weights, step_features
 
 MODES = ("balanced", "even")
 
@@ -31,19 +33,20 @@ class OnlineStepCost:
     keep: int = 256  # the latest samples the fit uses
     refit_every: int = 16
     min_samples: int = 12
-    samples: deque[tuple[list[tuple[int, int]], float]] = field(default_factory=deque)
+    samples: deque[tuple[tuple[int, int, int, int], float]] = field(default_factory=deque)  # (features, seconds)
     weights: StepCostWeights | None = None
     _since_fit: int = 0
 
     def observe(self, batch: Batch, seconds: float) -> None:
         if seconds <= 0 or not batch:
             return
-        self.samples.append((list(batch), seconds))
+        self.samples.append((step_features(batch), seconds))
         while len(self.samples) > self.keep:
             self.samples.popleft()
         self._since_fit += 1
         if len(self.samples) >= self.min_samples and (self.weights is None or self._since_fit >= self.refit_every):
-            self.weights = fit_weights([b for b, _ in self.samples], [s for _, s in self.samples])
+            x = np.array([f for f, _ in self.samples], dtype=np.float64)  # (n, 4) as feature_matrix's
+            self.weights = fit_feature_weights(x, [s for _, s in self.samples])
             self._since_fit = 0
 
     def share(self, batch: Batch, parts: int) -> float:

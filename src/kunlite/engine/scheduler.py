@@ -126,26 +126,36 @@ class Scheduler:
         """One step: `budget` tokens (default: the configured budget), of which at most
         `max_running` go to running sequences (a pipeline splits its decodes over microbatches);
         the rest of the budget admits waiting ones. With `cost` (seconds of a batch of
-        (new tokens, context) pairs) the step stops growing at `cost_limit` (it always takes one
-        sequence), a prompt's chunk cut to what still fits: a pipeline's microbatches of
+        (new tokens, context) pairs, additive: a per-step constant plus each sequence's own
+        share, as the step model is) the step stops growing at `cost_limit` (it always takes
+        one sequence), a prompt's chunk cut to what still fits: a pipeline's microbatches of
         balanced cost."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens if budget is None else budget
         seats = max_running if max_running is not None else self.config.max_num_seqs
         chunked = self.config.enable_chunked_prefill
         shape: list[tuple[int, int]] = []  # (q, c) of what is scheduled so far
+        base = cost([]) if cost is not None else 0.0
+        spent = [base]  # cost(shape), kept as it grows (one sequence costed at a time, not the whole shape)
+
+        def share(n: int, context: int) -> float:
+            return cost([(n, context)]) - base if cost is not None else 0.0
+
+        def add(n: int, context: int) -> None:
+            shape.append((n, context))
+            spent[0] += share(n, context)
 
         def affordable(n: int, context: int) -> int:
             """How many of n new tokens fit under the cost limit (all of them without a limit or
             in an empty step; a prompt's chunk is cut, with chunked prefill; 0: none fit)."""
-            if cost is None or cost_limit is None or not shape or cost(shape + [(n, context)]) <= cost_limit:
+            if cost is None or cost_limit is None or not shape or spent[0] + share(n, context) <= cost_limit:
                 return n
             if not chunked:
                 return 0
             lo, hi = 0, n - 1  # cost grows with the chunk: the largest k <= hi that fits
             while lo < hi:
                 mid = (lo + hi + 1) // 2
-                if cost(shape + [(mid, context)]) <= cost_limit:
+                if spent[0] + share(mid, context) <= cost_limit:
                     lo = mid
                 else:
                     hi = mid - 1
@@ -167,7 +177,7 @@ class Scheduler:
             if not self._make_room(seq, n, out):
                 continue
             out.scheduled.append((seq, n))
-            shape.append((n, seq.num_computed_tokens))
+            add(n, seq.num_computed_tokens)
             budget -= n
 
         # 2. Swapped-out sequences come back (into fresh blocks, their KV copied in) before any
@@ -209,7 +219,7 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append((seq, n))
-            shape.append((n, cached))
+            add(n, cached)
             budget -= n
 
         for seq, n in out.scheduled:

@@ -170,7 +170,11 @@ def fit_weights(batches: Sequence[Batch], seconds: Sequence[float], *, relative:
     ones. With collinear features (every step a decode: T == B) the split between the
     collinear weights is arbitrary but the predictions on such batches stay right.
     """
-    x = feature_matrix(batches)
+    return fit_feature_weights(feature_matrix(batches), seconds, relative=relative)
+
+
+def fit_feature_weights(x: np.ndarray, seconds: Sequence[float], *, relative: bool = True) -> StepCostWeights:
+    """fit_weights from the (n, 4) feature matrix of the batches (FEATURES' columns)."""
     y = np.asarray(seconds, dtype=np.float64)
     if len(x) != len(y) or len(y) == 0:
         raise ValueError(f"need as many seconds as batches, and at least one: {len(x)} vs {len(y)}")

@@ -90,13 +90,14 @@ class _FastForward:
     rank: int
     start: float
     ends: list[float]  # when each of the k steps ends
+    seconds: list[float]  # each step's compute time (ends[j] = ends[j - 1] + seconds[j])
     computed: np.ndarray  # (B,) num_computed_tokens of its sequences at the start
     event: _Event | None = None  # its StageDone
 
     def last_seconds(self) -> float:
         """The last step's compute time: what its StageDone reports (the step-by-step run's
-        last StageDone), for the instance's cost fit and bubble meter."""
-        return self.ends[-1] - (self.ends[-2] if len(self.ends) > 1 else self.start)
+        last StageDone, the same float), for the instance's cost fit and bubble meter."""
+        return self.seconds[len(self.ends) - 1]
 
 
 class SimCluster(Cluster):
@@ -218,7 +219,7 @@ class SimCluster(Cluster):
         for sec in seconds:  # summed one by one, as the step-by-step run's clock does
             t += sec
             ends.append(t)
-        return _FastForward(inst.id, rank, start, ends, computed)
+        return _FastForward(inst.id, rank, start, ends, seconds, computed)
 
     def add_request(self, req: Any) -> list[RequestOutput]:
         out = super().add_request(req)
