@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policies", default="recompute,swap,migrate,pp2,kunserve-stall,kunserve-remote,kunserve-recompute")
     p.add_argument("--slo-ttft", type=float, default=5.0, help="seconds, for goodput")
     p.add_argument("--slo-tpot", type=float, default=0.5, help="seconds, for goodput")
+    p.add_argument("--no-fast-forward", dest="fast_forward", action="store_false",
+                   help="step every decode one at a time (the same run, slower: for checking)")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="a directory for ttft_cdf.png and memory_<policy>.png")
     return p
@@ -188,7 +190,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     slos = {"ttft": args.slo_ttft * 1e3, "tpot": args.slo_tpot * 1e3}
-    results = run_policies(opts, hw, trace, args.policies.split(","), slos=slos)
+    results = run_policies(opts, hw, trace, args.policies.split(","), slos=slos, fast_forward=args.fast_forward)
     print(format_table(results, args, len(trace)))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items()},

@@ -148,11 +148,11 @@ def _held_pages(c: SimCluster, rank: int, layers: tuple[int, int]) -> int:
 
 
 def run_policies(base: EngineOptions, hardware: SimHardware, trace: list[TraceRequest], policies: list[str], *,
-                 slos: dict[str, float] | None = None) -> list[SimResult]:
+                 slos: dict[str, float] | None = None, fast_forward: bool = True) -> list[SimResult]:
     out = []
     for name in policies:
         if name not in POLICIES:
             raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
         opts = replace(base, **POLICIES[name])
-        out.append(simulate(opts, hardware, trace, slos=slos, policy=name))
+        out.append(simulate(opts, hardware, trace, slos=slos, policy=name, fast_forward=fast_forward))
     return out
