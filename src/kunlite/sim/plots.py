@@ -36,7 +36,8 @@ def plot_results(results: list[Any], out: Path) -> list[Path]:
         if not r.timeline:
             continue
         ranks = sorted({row[0] for _, rows in r.timeline for row in rows})
-        fig, axes = plt.subplots(len(ranks), 1, figsize=(8, 1.6 * len(ranks) + 0.6), sharex=True, squeeze=False)
+        per = 1.6 if len(ranks) <= 8 else max(0.6, 13.0 / len(ranks))  # many devices: a page, not a scroll
+        fig, axes = plt.subplots(len(ranks), 1, figsize=(8, per * len(ranks) + 0.6), sharex=True, squeeze=False)
         for ax, rank in zip(axes[:, 0], ranks):
             t, params, used, free = [], [], [], []
             for now, rows in r.timeline:
