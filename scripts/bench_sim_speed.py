@@ -33,12 +33,16 @@ def main() -> None:
     p.add_argument("--step-by-step", action="store_true", help="also run without fast-forward and compare")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     a = p.parse_args()
+    rest = [x for x in a.rest if x != "--"]
     argv = ["--model", a.model, "--device", a.device, "--devices", str(a.devices), "--synthetic",
-            "--duration", str(a.duration), "--rate", str(a.rate)] + [x for x in a.rest if x != "--"]
+            "--duration", str(a.duration), "--rate", str(a.rate)] + \
+        (["--max-num-seqs", "256"] if "--max-num-seqs" not in rest else []) + \
+        (["--max-num-batched-tokens", "4096"] if "--max-num-batched-tokens" not in rest else []) + rest
     args = cli._resolve(cli.build_parser().parse_args(argv))
-    opts = EngineOptions(model=cli.model_dir(args.model), devices=args.devices, dtype=args.dtype,
-                         page_size=args.page_size, max_num_seqs=args.max_num_seqs or 256,
-                         max_num_batched_tokens=args.max_num_batched_tokens or 4096, enable_prefix_caching=False)
+    opts = EngineOptions(model=cli.model_dir(args.model), devices=args.devices // args.tensor_parallel,
+                         dtype=args.dtype, page_size=args.page_size, max_num_seqs=args.max_num_seqs,
+                         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                         enable_prefix_caching=False)
     hw = cli.hardware(args, opts.build().model)
     trace = cli.trace_of(args)
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
