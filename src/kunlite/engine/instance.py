@@ -395,6 +395,18 @@ class Instance:
             return True
         return all(seq.seq_id in m.kv.tables and m.kv.covers(seq.seq_id, m.layers) for m in self.members)
 
+    def unplaced(self, seqs: list[Sequence]) -> list[Sequence]:
+        """The sequences of `seqs`, in order, that are not placed(): one covers_many per member
+        for all of them (a merged group asks this of thousands at every tick)."""
+        holding = [s for s in seqs if s.seq_id in self.kv.tables]
+        if not holding:
+            return []
+        ids = [s.seq_id for s in holding]
+        here = np.ones(len(ids), dtype=bool)  # (n,)
+        for m in self.members:
+            here &= m.kv.covers_many(ids, m.layers)
+        return [s for s, ok in zip(holding, here) if not ok]
+
     def absorb(self, parts: list["Instance"]) -> None:
         """Take over the sequences, the steps in flight and the pending records of instances
         merging into this one (their KV stays on their devices, which are members here).

@@ -128,7 +128,7 @@ class Elastic:
                 self._requeue_unplaced(inst)
             elif not rec.pending:
                 self._next_chunk(gid, rec, inst)
-            if state == "exchanging" and not rec.pending and all(inst.placed(s) for s in _seqs(inst)):
+            if state == "exchanging" and not rec.pending and not inst.unplaced(_seqs(inst)):
                 self.c.states[gid] = "pipeline"
                 self.timings["exchange_s"].append(now - rec.merged_at)
             calm = rec.watch.observe(now, self._load(inst), self._undropped(rec))
@@ -200,7 +200,7 @@ class Elastic:
                 del c.instances[p.id]
                 del c.states[p.id]
         c.instances[gid] = group
-        old = [s for s in _seqs(group) if not group.placed(s)]
+        old = group.unplaced(_seqs(group))
         c.states[gid] = "exchanging" if old else "pipeline"
         if self.mode != "remote-attention":
             for seq in old:
@@ -223,7 +223,7 @@ class Elastic:
     def _requeue_unplaced(inst: Instance) -> None:
         """`recompute`: a request whose KV is on its old device only is prefilled again in the
         pipeline (one whose step is in flight once that step commits)."""
-        for seq in [s for s in inst.scheduler.running if not inst.placed(s) and not s.in_flight]:
+        for seq in [s for s in inst.unplaced(inst.scheduler.running) if not s.in_flight]:
             seq.paused = False
             inst.scheduler.requeue(seq)
 
@@ -238,7 +238,7 @@ class Elastic:
         abort of it takes effect when the chunk lands (a receive may still write its pages)."""
         if self.mode == "recompute":
             return
-        todo = [s for s in inst.scheduler.running if not inst.placed(s) and not s.in_flight][: self.chunk]
+        todo = [s for s in inst.unplaced(inst.scheduler.running) if not s.in_flight][: self.chunk]
         if not todo:
             return
         ps = self.c.config.cache.page_size
@@ -471,7 +471,7 @@ class Elastic:
         rec = self.groups.get(inst.id)
         if rec is None:
             return 0, 0
-        return sum(1 for s in _seqs(inst) if not inst.placed(s)), rec.exchanged_bytes
+        return len(inst.unplaced(_seqs(inst))), rec.exchanged_bytes
 
 
 def _seqs(inst: Instance) -> list[Sequence]:
