@@ -62,6 +62,9 @@ class GroupRecord:
     first_step_seen: bool = False
     state_before: str = "pipeline"  # to go back to when a restore must wait
     survivors: set[int] = field(default_factory=set)  # members alive when the group failed
+    unplaced: list[Sequence] = field(default_factory=list)  # see Elastic._unplaced
+    stale: bool = False  # unplaced must be checked again (a chunk landed, requests were requeued)
+    preemptions_seen: int = 0
 
 
 class Elastic:
@@ -125,10 +128,10 @@ class Elastic:
                     continue  # split, or waiting for its steps in flight
                 # no room yet: the exchange goes on meanwhile
             if self.mode == "recompute":
-                self._requeue_unplaced(inst)
+                self._requeue_unplaced(inst, rec)
             elif not rec.pending:
                 self._next_chunk(gid, rec, inst)
-            if state == "exchanging" and not rec.pending and not inst.unplaced(_seqs(inst)):
+            if state == "exchanging" and not rec.pending and not self._unplaced(rec, inst):
                 self.c.states[gid] = "pipeline"
                 self.timings["exchange_s"].append(now - rec.merged_at)
             calm = rec.watch.observe(now, self._load(inst), self._undropped(rec))
@@ -205,10 +208,11 @@ class Elastic:
         if self.mode != "remote-attention":
             for seq in old:
                 seq.paused = True  # never scheduled unplaced: recomputed, or paused until its KV has moved
+        rec = self.groups[gid] = GroupRecord(merge, self.clock.now(), CalmWatch(self.trigger), unplaced=old,
+                                             preemptions_seen=group.scheduler.num_preemptions)
+        rec.decided = started
         if self.mode == "recompute":
-            self._requeue_unplaced(group)
-        self.groups[gid] = GroupRecord(merge, self.clock.now(), CalmWatch(self.trigger))
-        self.groups[gid].decided = started
+            self._requeue_unplaced(group, rec)
         self.counters["drops"] += 1
         took = self.clock.now() - started
         self.timings["drop_s"].append(took)
@@ -219,13 +223,32 @@ class Elastic:
 
     # ------------------------------------------------------------------ exchange
 
-    @staticmethod
-    def _requeue_unplaced(inst: Instance) -> None:
+    def _unplaced(self, rec: GroupRecord, inst: Instance) -> list[Sequence]:
+        """The group's requests whose KV is still on their old device only. Only requests of
+        the merge can be (one admitted since gets blocks on every member, and one placed stays
+        placed), so the list only shrinks: it is checked again (a covers_many per member) when a
+        chunk landed, requests were requeued or preempted, and otherwise loses its finished
+        requests (a tick of a group of thousands must not scan them all)."""
+        n = inst.scheduler.num_preemptions
+        if rec.stale or n != rec.preemptions_seen:
+            rec.unplaced = inst.unplaced(rec.unplaced)
+            rec.stale, rec.preemptions_seen = False, n
+        else:
+            rec.unplaced = [s for s in rec.unplaced if not s.is_finished]
+        return rec.unplaced
+
+    def _movable(self, rec: GroupRecord, inst: Instance) -> list[Sequence]:
+        """Unplaced running requests not in a step or a chunk, in the scheduler's order."""
+        todo = {id(s) for s in self._unplaced(rec, inst)}
+        return [s for s in inst.scheduler.running if id(s) in todo and not s.in_flight]
+
+    def _requeue_unplaced(self, inst: Instance, rec: GroupRecord) -> None:
         """`recompute`: a request whose KV is on its old device only is prefilled again in the
         pipeline (one whose step is in flight once that step commits)."""
-        for seq in [s for s in inst.unplaced(inst.scheduler.running) if not s.in_flight]:
+        for seq in self._movable(rec, inst):
             seq.paused = False
             inst.scheduler.requeue(seq)
+            rec.stale = True
 
     def restore_now(self, gid: int) -> None:
         """Split a merged group calm or not (tests; an operator's command): no new exchange
@@ -238,7 +261,7 @@ class Elastic:
         abort of it takes effect when the chunk lands (a receive may still write its pages)."""
         if self.mode == "recompute":
             return
-        todo = [s for s in inst.unplaced(inst.scheduler.running) if not s.in_flight][: self.chunk]
+        todo = self._movable(rec, inst)[: self.chunk]
         if not todo:
             return
         ps = self.c.config.cache.page_size
@@ -299,6 +322,7 @@ class Elastic:
             seq.paused = seq.in_flight = False
         self.c.outputs_pending += inst.finish_aborted(rec.chunk)
         rec.chunk = []
+        rec.stale = True
 
     # ------------------------------------------------------------------ restore
 
@@ -471,7 +495,7 @@ class Elastic:
         rec = self.groups.get(inst.id)
         if rec is None:
             return 0, 0
-        return len(inst.unplaced(_seqs(inst))), rec.exchanged_bytes
+        return len(self._unplaced(rec, inst)), rec.exchanged_bytes
 
 
 def _seqs(inst: Instance) -> list[Sequence]:
