@@ -108,6 +108,9 @@ class Instance:
         # Remote attention (a merged group): each member's scratch page, where rows whose KV is
         # on another member attend locally before their output is replaced. None: not allowed.
         self.scratch: dict[int, int] | None = None
+        # Sequences whose KV may be on one member only (a merge's requests until their exchange:
+        # kept, as a superset, by the parameter-centric policy); every other one is placed.
+        self.maybe_unplaced: set[str] = set()
         self.remote_serves: list[tuple[int, RemoteServe]] = []  # (holder rank, what to serve): taken by the caller
         self.remote_calls = 0  # (step, stage, holder) remote attention exchanges planned
         self.microbatch = microbatch  # how a pipeline splits its work: balanced (by cost) or even
@@ -279,9 +282,13 @@ class Instance:
         """The rows whose KV of m's layers is on another member, by holder; each holder is told
         what to serve (`remote_serves`)."""
         by_holder: dict[int, list[int]] = {}
-        here = m.kv.covers_many([s.seq_id for s, _ in sched.scheduled], m.layers)  # (B,)
-        for r, (s, _) in enumerate(sched.scheduled):
-            if here[r]:
+        maybe = [r for r, (s, _) in enumerate(sched.scheduled) if s.seq_id in self.maybe_unplaced]
+        if not maybe:
+            return []
+        here = m.kv.covers_many([sched.scheduled[r][0].seq_id for r in maybe], m.layers)  # (len(maybe),)
+        for r, ok in zip(maybe, here):
+            s = sched.scheduled[r][0]
+            if ok:
                 continue
             holder = next((h for h in self.members if s.seq_id in h.kv.tables and h.kv.covers(s.seq_id, m.layers)),
                           None)
@@ -357,6 +364,7 @@ class Instance:
             seq.num_computed_tokens += n * k  # k > 1: decodes only (n == 1)
             seq.in_flight = False
         pairs = self.scheduler.fork_children(sched)
+        self.maybe_unplaced.update(c.seq_id for p, c in pairs if p.seq_id in self.maybe_unplaced)  # shared blocks
         self._copies += sched.block_copies  # (member, src, dst): before the children's next step
         rows = flight.sampled + [child for _, child in pairs]
         outputs = []

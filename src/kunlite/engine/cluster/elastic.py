@@ -65,6 +65,7 @@ class GroupRecord:
     unplaced: list[Sequence] = field(default_factory=list)  # see Elastic._unplaced
     stale: bool = False  # unplaced must be checked again (a chunk landed, requests were requeued)
     preemptions_seen: int = 0
+    candidates_seen: int = 0  # len(group.maybe_unplaced) at the last check (a fork adds children)
 
 
 class Elastic:
@@ -208,8 +209,10 @@ class Elastic:
         if self.mode != "remote-attention":
             for seq in old:
                 seq.paused = True  # never scheduled unplaced: recomputed, or paused until its KV has moved
+        group.maybe_unplaced = {s.seq_id for s in old}
         rec = self.groups[gid] = GroupRecord(merge, self.clock.now(), CalmWatch(self.trigger), unplaced=old,
-                                             preemptions_seen=group.scheduler.num_preemptions)
+                                             preemptions_seen=group.scheduler.num_preemptions,
+                                             candidates_seen=len(old))
         rec.decided = started
         if self.mode == "recompute":
             self._requeue_unplaced(group, rec)
@@ -225,14 +228,17 @@ class Elastic:
 
     def _unplaced(self, rec: GroupRecord, inst: Instance) -> list[Sequence]:
         """The group's requests whose KV is still on their old device only. Only requests of
-        the merge can be (one admitted since gets blocks on every member, and one placed stays
-        placed), so the list only shrinks: it is checked again (a covers_many per member) when a
-        chunk landed, requests were requeued or preempted, and otherwise loses its finished
-        requests (a tick of a group of thousands must not scan them all)."""
+        the merge (and the children they fork, which share their blocks) can be: one admitted
+        since gets blocks on every member, and one placed stays placed. So the candidates
+        (`Instance.maybe_unplaced`, which the group's steps also use) only shrink: they are
+        checked again (a covers_many per member) when a chunk landed, requests were requeued,
+        preempted or forked, and otherwise lose their finished requests (a tick of a group of
+        thousands must not scan them all)."""
         n = inst.scheduler.num_preemptions
-        if rec.stale or n != rec.preemptions_seen:
-            rec.unplaced = inst.unplaced(rec.unplaced)
-            rec.stale, rec.preemptions_seen = False, n
+        if rec.stale or n != rec.preemptions_seen or len(inst.maybe_unplaced) != rec.candidates_seen:
+            rec.unplaced = inst.unplaced([s for s in _seqs(inst) if s.seq_id in inst.maybe_unplaced])
+            inst.maybe_unplaced = {s.seq_id for s in rec.unplaced}
+            rec.stale, rec.preemptions_seen, rec.candidates_seen = False, n, len(inst.maybe_unplaced)
         else:
             rec.unplaced = [s for s in rec.unplaced if not s.is_finished]
         return rec.unplaced
