@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kunlite.engine.plan import (CalmWatch, Group, KVLoad, ModelBytes, TriggerConfig, balanced_ranges, group_bytes,
@@ -83,3 +83,18 @@ def test_balanced_ranges_refuse_impossible_splits() -> None:
     assert balanced_ranges(5, 2) == [(0, 3), (3, 5)]
     with pytest.raises(ValueError):
         balanced_ranges(2, 3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.0, 3.0), st.integers(0, 50)), min_size=1, max_size=60))
+def test_calm_watch_keeps_falling_as_the_window_scan_would(samples: list[tuple[float, int]]) -> None:
+    """The watch counts rises as samples come and go instead of scanning its window: it must
+    answer as the scan does, sample after sample."""
+    cfg = TriggerConfig(calm_window_s=2.0)
+    watch, now = CalmWatch(cfg), 0.0
+    for gap, used in samples:
+        now += gap
+        calm = watch.observe(now, KVLoad(used, 1000, 0, 0), 10_000)
+        h = list(watch.history)
+        falling = all(b[1] <= a[1] for a, b in zip(h, h[1:]))
+        assert calm == (falling and h[0][0] <= now - cfg.calm_window_s and used < cfg.calm_fraction * 10_000)

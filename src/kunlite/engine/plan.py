@@ -63,13 +63,18 @@ class CalmWatch:
 
     cfg: TriggerConfig
     history: deque[tuple[float, int]] = field(default_factory=deque)
+    rises: int = 0  # consecutive pairs of `history` whose use went up: falling iff none
 
     def observe(self, now: float, load: KVLoad, undropped_total: int) -> bool:
+        if self.history and load.used > self.history[-1][1]:
+            self.rises += 1
         self.history.append((now, load.used))
         while len(self.history) > 1 and self.history[1][0] <= now - self.cfg.calm_window_s:
-            self.history.popleft()  # keep one sample at or before the window's start
+            first = self.history.popleft()  # keep one sample at or before the window's start
+            if self.history[0][1] > first[1]:
+                self.rises -= 1
         spans_window = self.history[0][0] <= now - self.cfg.calm_window_s
-        falling = all(b[1] <= a[1] for a, b in zip(self.history, list(self.history)[1:]))
+        falling = self.rises == 0
         return (load.waiting == 0 and load.used < self.cfg.calm_fraction * undropped_total
                 and spans_window and falling)
 
