@@ -399,9 +399,7 @@ class Instance:
     def placed(self, seq: Sequence) -> bool:
         """Whether every member holds the sequence's KV for the layers it runs (or the sequence
         holds no KV yet): it can run in this pipeline without help."""
-        if seq.seq_id not in self.kv.tables:
-            return True
-        return all(seq.seq_id in m.kv.tables and m.kv.covers(seq.seq_id, m.layers) for m in self.members)
+        return not self.unplaced([seq])
 
     def unplaced(self, seqs: list[Sequence]) -> list[Sequence]:
         """The sequences of `seqs`, in order, that are not placed(): one covers_many per member

@@ -232,7 +232,7 @@ class SimCluster(Cluster):
     def _cut(self, step_id: int, ff: _FastForward, inst: Instance) -> None:
         """End the flight with the step in progress now; release the KV of the rest."""
         now = self.clock.now()
-        keep = next((j + 1 for j, e in enumerate(ff.ends) if e >= now), len(ff.ends))
+        keep = bisect.bisect_left(ff.ends, now) + 1  # the steps done by now, and the one in progress
         if keep >= len(ff.ends):
             return
         flight = inst.flights[step_id]
@@ -288,6 +288,16 @@ class SimCluster(Cluster):
         return True  # remote attention: its traffic is costed in the requester's step
 
     def _stage(self, rank: int, work: StageWork, now: float) -> None:
+        ff, self._ff_planned = self._ff_planned, None
+        if ff is not None:  # k decode steps: their ends were costed when it was planned
+            end = ff.ends[-1]
+            self._busy[rank] = end
+            ff.event = self._at(end, rank, StageDone(work.step_id, work.instance, rank, ff.last_seconds(),
+                                                     [self._token] * len(work.samples)))
+            self._ff[work.step_id] = ff
+            self.ff_stats["flights"] += 1
+            self.ff_stats["steps"] += len(ff.ends)
+            return
         batch = [(len(s.tokens), s.num_computed) for s in work.seqs]
         layers = next(m.layers for i in self.instances.values() for m in i.members if m.rank == rank)
         seconds = self.hw.cost.step_seconds(batch, layers)
@@ -299,16 +309,6 @@ class SimCluster(Cluster):
             rows = sum(len(work.seqs[r].tokens) for rr in work.remote for r in rr.rows)
             per_layer = rows * (2 * m.num_heads + 2 * m.num_kv_heads) * m.head_dim * self.config.device.torch_dtype.itemsize
             seconds += (layers[1] - layers[0]) * self.hw.link_seconds(per_layer)
-        ff, self._ff_planned = self._ff_planned, None
-        if ff is not None:  # k decode steps: their ends were costed when it was planned
-            end = ff.ends[-1]
-            self._busy[rank] = end
-            ff.event = self._at(end, rank, StageDone(work.step_id, work.instance, rank, ff.last_seconds(),
-                                                     [self._token] * len(work.samples)))
-            self._ff[work.step_id] = ff
-            self.ff_stats["flights"] += 1
-            self.ff_stats["steps"] += len(ff.ends)
-            return
         start = max(now, self._busy[rank])
         if not work.is_first:
             hidden = work.num_tokens * self.config.model.hidden_size * self.config.device.torch_dtype.itemsize
