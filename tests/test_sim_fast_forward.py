@@ -41,15 +41,21 @@ def trace(n: int = 60, seed: int = 1) -> list[TraceRequest]:
 # kunserve's flights must end with their step in progress, and the merged group's cost fit
 # must see the absorbed flight's last step; and where a fast-forwarding replica runs short of
 # KV, which starts a migration (each failed before it was handled).
-@pytest.mark.parametrize("policy,seed", [("recompute", 1), ("swap", 1), ("migrate", 1), ("migrate", 5), ("kunserve-remote", 1),
-                                         ("kunserve-remote", 9), ("kunserve-stall", 0), ("kunserve-stall", 5),
-                                         ("kunserve-stall", 9), ("kunserve-recompute", 21)])
-def test_fast_forward_is_the_same_run(tiny: Path, policy: str, seed: int) -> None:
-    hw = SimHardware(LinearCost(), lambda n: 1e-4 + n / 1e9, lambda n: 1e-5 + n / 1e10, 1e12, parse_size("700KiB"))
+#
+# ("migrate", 7, 80, "640KiB"): an arrival cuts a flight of an instance that becomes the
+# source of a migration before the step in progress ends; the steps done by then must be
+# committed at the cut (the candidate and its blocks are sized from its tokens).
+@pytest.mark.parametrize("policy,seed,n,memory", [
+    ("recompute", 1, 60, "700KiB"), ("swap", 1, 60, "700KiB"), ("migrate", 1, 60, "700KiB"),
+    ("migrate", 5, 60, "700KiB"), ("migrate", 7, 80, "640KiB"), ("kunserve-remote", 1, 60, "700KiB"),
+    ("kunserve-remote", 9, 60, "700KiB"), ("kunserve-stall", 0, 60, "700KiB"), ("kunserve-stall", 5, 60, "700KiB"),
+    ("kunserve-stall", 9, 60, "700KiB"), ("kunserve-recompute", 21, 60, "700KiB")])
+def test_fast_forward_is_the_same_run(tiny: Path, policy: str, seed: int, n: int, memory: str) -> None:
+    hw = SimHardware(LinearCost(), lambda n: 1e-4 + n / 1e9, lambda n: 1e-5 + n / 1e10, 1e12, parse_size(memory))
     opts = replace(EngineOptions(model=str(tiny), devices=2, dtype="float32", page_size=4, max_model_len=256,
                                  max_num_batched_tokens=64, enable_prefix_caching=False, calm_window=0.5),
                    **POLICIES[policy])
-    reqs = trace(seed=seed)
+    reqs = trace(n=n, seed=seed)
     step = simulate(opts, hw, reqs, policy=policy, fast_forward=False)
     fast = simulate(opts, hw, reqs, policy=policy, fast_forward=True)
     assert step.metrics["completed"] == len(reqs)
@@ -59,6 +65,22 @@ def test_fast_forward_is_the_same_run(tiny: Path, policy: str, seed: int) -> Non
     assert fast.counters == step.counters
     assert step.fast_forward["flights"] == 0
     assert fast.fast_forward["steps"] > 2 * fast.fast_forward["flights"] > 0
+    if policy in ("recompute", "swap"):
+        assert fast.fast_forward["queued"] > 0  # flights with a queue that does not fit
+
+
+def test_a_queue_that_does_not_fit_does_not_stop_a_flight(tiny: Path) -> None:
+    # Long generations fill the pool; the queue behind them waits for one to end. The replicas
+    # fast-forward meanwhile, and a newcomer at the tail of the queue does not cut them.
+    hw = SimHardware(LinearCost(), lambda n: 0.0, lambda n: 0.0, 1e12, parse_size("700KiB"))
+    opts = EngineOptions(model=str(tiny), devices=2, dtype="float32", page_size=4, max_model_len=256,
+                         max_num_batched_tokens=64, enable_prefix_caching=False)
+    reqs = [TraceRequest(0.0, 60, 150) for _ in range(4)] + [TraceRequest(0.01 * i, 100, 20) for i in range(1, 7)]
+    step = simulate(opts, hw, reqs, fast_forward=False)
+    fast = simulate(opts, hw, reqs, fast_forward=True)
+    assert [(r.ttft, r.itl, r.e2e) for r in fast.records] == [(r.ttft, r.itl, r.e2e) for r in step.records]
+    assert fast.fast_forward["queued"] >= 2
+    assert fast.fast_forward["steps"] > 100
 
 
 def test_an_arrival_cuts_a_flight_where_the_step_by_step_run_would_schedule_it(tiny: Path) -> None:

@@ -181,13 +181,15 @@ class Instance:
     def can_plan(self) -> bool:
         return len(self.flights) < self.max_in_flight and self.scheduler.has_unfinished
 
-    def decode_only(self) -> list[Sequence] | None:
+    def decode_only(self, queued: bool = False) -> list[Sequence] | None:
         """The running sequences, if the next step would be exactly one decode of each of them
         (a replica with nothing waiting, swapped, in flight, paused, mid-prompt or forking,
-        no copies or aborts pending, all within the step's seats and budget); else None."""
+        no copies or aborts pending, all within the step's seats and budget); else None.
+        With `queued`, sequences may wait or be swapped out: the caller asks
+        `Scheduler.admits_none` once the step's KV is allocated."""
         sched, cfg = self.scheduler, self.config
         if (len(self.members) > 1 or self.flights or self._copies or self._aborting or self.scratch is not None
-                or sched.waiting or sched.swapped or not sched.running
+                or (not queued and (sched.waiting or sched.swapped)) or not sched.running
                 or len(sched.running) > min(cfg.max_num_seqs, cfg.max_num_batched_tokens)):
             return None
         for s in sched.running:
@@ -348,21 +350,29 @@ class Instance:
 
     # ------------------------------------------------------------------ commit
 
-    def commit(self, done: StageDone) -> list[RequestOutput]:
-        """The last member finished step `done.step_id`: apply its tokens."""
-        self.observe_stage(done)
-        flight = self.flights.pop(done.step_id)
-        k = flight.repeat
-        if self.num_stages > 1:  # only a pipeline splits microbatches by cost (a merged group starts its own fit)
-            self.step_cost.observe(flight.shape, flight.slowest)  # of its last step, when it stands for k
-        if not self.flights:
-            self.bubbles.idle(self.clock.now())
-        if done.step_id in self._own_steps and self.first_committed is None:
-            self.first_committed = self.clock.now()
+    def commit(self, done: StageDone, steps: int | None = None) -> list[RequestOutput]:
+        """The last member finished step `done.step_id`: apply its tokens. `steps` (the
+        simulator only, for a flight that stands for more decode steps): apply the first
+        `steps` of them; the flight stays in flight for the rest."""
+        flight = self.flights[done.step_id]
+        if steps is not None and steps < flight.repeat:
+            flight.repeat -= steps
+            k = steps
+        else:
+            self.observe_stage(done)
+            del self.flights[done.step_id]
+            k = flight.repeat
+            if self.num_stages > 1:  # only a pipeline splits microbatches by cost (a merged group starts its own fit)
+                self.step_cost.observe(flight.shape, flight.slowest)  # of its last step, when it stands for k
+            if not self.flights:
+                self.bubbles.idle(self.clock.now())
+            if done.step_id in self._own_steps and self.first_committed is None:
+                self.first_committed = self.clock.now()
         sched = flight.sched
+        part = done.step_id in self.flights  # decodes only: no forks, copies or aborts to settle yet
         for seq, n in sched.scheduled:
             seq.num_computed_tokens += n * k  # k > 1: decodes only (n == 1)
-            seq.in_flight = False
+            seq.in_flight = part
         pairs = self.scheduler.fork_children(sched)
         self.maybe_unplaced.update(c.seq_id for p, c in pairs if p.seq_id in self.maybe_unplaced)  # shared blocks
         self._copies += sched.block_copies  # (member, src, dst): before the children's next step
@@ -377,7 +387,7 @@ class Instance:
                 self.scheduler.finish(seq, reason)
             lp = done.logprobs[r] if done.logprobs is not None else None
             outputs.append(output_of(seq, [done.tokens[r]] * k, [lp] if lp is not None else None))
-        for seq, _ in sched.scheduled:
+        for seq, _ in sched.scheduled if not part else ():
             if seq.seq_id in self._aborting:
                 self._aborting.discard(seq.seq_id)
                 if not seq.is_finished:

@@ -184,8 +184,8 @@ class Scheduler:
         #    new sequence is admitted; none in a step that preempted.
         while self.swapped and not out.preempted and budget > 0:
             seq = self.swapped[0]
-            n = min(seq.num_uncomputed, budget) if chunked else seq.num_uncomputed
-            if n > budget or not self.policy.can_resume(seq, self.kv, seq.num_computed_tokens + n):
+            n = self._resume_tokens(seq, budget)
+            if n == 0:
                 break
             self.swapped.pop(0)
             self.policy.resume(seq, self.kv, seq.num_computed_tokens + n)
@@ -201,16 +201,10 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             seq = self.waiting[0]
-            hits, cached = self.kv.get_computed_blocks(seq.seq_id, seq.token_ids) if seq.seq_id not in self.kv.tables else ([], 0)
-            n = seq.num_tokens - cached
-            if chunked:
-                n = min(n, budget)
-            elif n > budget:
+            hits, cached, n = self._admit_tokens(seq, budget, affordable)
+            if n == 0:
                 break
-            n = affordable(n, cached)
             total = cached + n
-            if n == 0 or not self.kv.can_allocate(seq.seq_id, total, hits, self._fork_blocks(seq, total)):
-                break
             self.waiting.pop(0)
             self.kv.allocate(seq.seq_id, total, hits)
             if seq.num_computed_tokens == 0 and not seq.output_token_ids:
@@ -226,6 +220,43 @@ class Scheduler:
             self.kv.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens + n)
         out.scheduled.sort(key=lambda e: e[1] != 1)  # stable: decodes first, order kept
         return out
+
+    def _resume_tokens(self, seq: Sequence, budget: int) -> int:
+        """The tokens a swapped-out sequence would come back with in a step of `budget` tokens
+        left; 0 if it does not fit."""
+        n = min(seq.num_uncomputed, budget) if self.config.enable_chunked_prefill else seq.num_uncomputed
+        if n > budget or not self.policy.can_resume(seq, self.kv, seq.num_computed_tokens + n):
+            return 0
+        return n
+
+    def _admit_tokens(self, seq: Sequence, budget: int,
+                      affordable: Callable[[int, int], int] = lambda n, _: n) -> tuple[list[int], int, int]:
+        """(prefix-cache hits, cached tokens, new tokens) that a waiting sequence would be
+        admitted with in a step of `budget` tokens left; new tokens 0 if it does not fit."""
+        hits, cached = self.kv.get_computed_blocks(seq.seq_id, seq.token_ids) if seq.seq_id not in self.kv.tables else ([], 0)
+        n = seq.num_tokens - cached
+        if self.config.enable_chunked_prefill:
+            n = min(n, budget)
+        elif n > budget:
+            return hits, cached, 0
+        n = affordable(n, cached)
+        total = cached + n
+        if n == 0 or not self.kv.can_allocate(seq.seq_id, total, hits, self._fork_blocks(seq, total)):
+            return hits, cached, 0
+        return hits, cached, n
+
+    def admits_none(self, budget: int) -> bool:
+        """Whether a step with `budget` tokens left after its running sequences would resume or
+        admit nobody (the head of the swapped, or else of the queue, does not fit), with the KV
+        as it is now. Fewer free blocks never admit more: it stays true while running sequences
+        only grow (the simulator's fast-forward relies on this)."""
+        if budget <= 0:
+            return True
+        if self.swapped:
+            return self._resume_tokens(self.swapped[0], budget) == 0
+        if self.waiting:
+            return len(self.running) >= self.config.max_num_seqs or self._admit_tokens(self.waiting[0], budget)[2] == 0
+        return True
 
     def _make_room(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
         """Allocate KV for n more tokens of a running sequence, preempting others if needed.

@@ -21,8 +21,10 @@ Fast-forward: a replica whose next step is exactly one decode of each running se
 (`Instance.plan(repeat=k)`): their KV is allocated up front, their time is the sum of the k
 steps' costs, and the tokens commit together, with each step's end kept for the ITLs. It is
 the same run, step for step: k stops before any sequence would end and before the KV runs
-out; an arrival dispatched to the instance cuts the flight at the end of the step in progress (its unused KV released), where the step-by-step run would
-schedule it; `loads()` shows the dispatcher each flight's KV as allocated step by step; and
+out; requests may wait (or be swapped out) if the head of their queue does not fit now, as it
+then fits at no later step of the flight; an arrival that changes that head cuts the flight at
+the end of the step in progress (its unused KV released), where the step-by-step run would try
+it; `loads()` shows the dispatcher each flight's KV as allocated step by step; and
 every flight is cut the same way as soon as the overload policy may act (a replica throttled
 under `kunserve`, an instance short of KV or a migration going on under `migrate`), and none
 starts meanwhile, nor while a merged group exists (its calm watch samples the load at every
@@ -92,6 +94,7 @@ class _FastForward:
     ends: list[float]  # when each of the k steps ends
     seconds: list[float]  # each step's compute time (ends[j] = ends[j - 1] + seconds[j])
     computed: np.ndarray  # (B,) num_computed_tokens of its sequences at the start
+    head: tuple[str | None, str | None]  # the heads of the swapped and the queue, which do not fit
     event: _Event | None = None  # its StageDone
 
     def last_seconds(self) -> float:
@@ -108,8 +111,9 @@ class SimCluster(Cluster):
         self.fast_forward = fast_forward
         self._ff: dict[int, _FastForward] = {}  # step id -> its flight
         self._ff_planned: _FastForward | None = None  # between planning it and its StageWork
-        self.token_times: dict[str, list[float]] = {}  # request id -> when each token of its last output came
-        self.ff_stats = {"flights": 0, "steps": 0, "cuts": 0}  # fast-forwards planned, steps they held, cut short
+        self.token_times: dict[int, list[float]] = {}  # id() of a fast-forward's output -> when each of its tokens came
+        # fast-forwards planned, steps they held, cut short, planned with requests waiting
+        self.ff_stats = {"flights": 0, "steps": 0, "cuts": 0, "queued": 0}
         self._queue: list[_Event] = []
         self._order = itertools.count()
         self._busy: dict[int, float] = {}  # device -> when it is free
@@ -168,7 +172,7 @@ class SimCluster(Cluster):
         """A fast-forward of at least 2 steps for `inst`, or None."""
         if self.states.get(inst.id) != "serving":
             return None
-        seqs = inst.decode_only()
+        seqs = inst.decode_only(queued=True)
         if not seqs:
             return None
         kv = inst.members[0].kv
@@ -207,6 +211,15 @@ class SimCluster(Cluster):
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
         k = lo
+        sched = inst.scheduler
+        if sched.waiting or sched.swapped:
+            # The first step's KV, as its schedule() takes it (the same blocks, in the same order),
+            # then its admission: if the head of the queue does not fit now, it fits at no later
+            # step of the flight either (the KV only shrinks).
+            for s in seqs:
+                kv.allocate(s.seq_id, s.num_computed_tokens + 1)
+            if not sched.admits_none(inst.config.max_num_batched_tokens - len(seqs)):
+                return None
         rank = inst.members[0].rank
         layers = inst.members[0].layers
         start = max(self.clock.now(), self._busy[rank])
@@ -219,25 +232,29 @@ class SimCluster(Cluster):
         for sec in seconds:  # summed one by one, as the step-by-step run's clock does
             t += sec
             ends.append(t)
-        return _FastForward(inst.id, rank, start, ends, seconds, computed)
+        return _FastForward(inst.id, rank, start, ends, seconds, computed, _head(inst))
 
     def add_request(self, req: Any) -> list[RequestOutput]:
         out = super().add_request(req)
         for step_id, ff in list(self._ff.items()):
             inst = self.instances.get(ff.instance)
-            if inst is not None and inst.scheduler.waiting:
-                self._cut(step_id, ff, inst)  # the step-by-step run would schedule it next
+            if inst is not None and _head(inst) != ff.head:
+                self._cut(step_id, ff, inst)  # the step-by-step run would try it next
         return out
 
     def _cut(self, step_id: int, ff: _FastForward, inst: Instance) -> None:
-        """End the flight with the step in progress now; release the KV of the rest."""
+        """End the flight with the step in progress now; release the KV of the rest, and commit
+        the steps done by now (the policy may act before the step in progress ends, and must
+        find the sequences as long as the step-by-step run has them)."""
         now = self.clock.now()
-        keep = bisect.bisect_left(ff.ends, now) + 1  # the steps done by now, and the one in progress
-        if keep >= len(ff.ends):
+        keep = min(bisect.bisect_left(ff.ends, now) + 1, len(ff.ends))  # the steps done by now, and the one in progress
+        done = keep - 1
+        if not done and keep == len(ff.ends):
             return
         flight = inst.flights[step_id]
-        self.ff_stats["cuts"] += 1
-        self.ff_stats["steps"] -= len(ff.ends) - keep
+        if keep < len(ff.ends):
+            self.ff_stats["cuts"] += 1
+            self.ff_stats["steps"] -= len(ff.ends) - keep
         flight.repeat = keep
         kv = inst.members[0].kv
         for seq, _ in flight.sched.scheduled:
@@ -246,6 +263,12 @@ class SimCluster(Cluster):
         assert ff.event is not None
         flight.shape = [(1, s.num_computed_tokens + keep - 1) for s, _ in flight.sched.scheduled]  # its last step's
         ff.event.cancelled = True
+        if done:
+            outs = inst.commit(msgspec.structs.replace(ff.event.msg, seconds=ff.seconds[done - 1]), steps=done)
+            for o in outs:
+                self.token_times[id(o)] = ff.ends[:done]  # their tokens came at their own steps' ends
+            self.outputs_pending += outs
+            ff.ends, ff.seconds, ff.computed = ff.ends[done:], ff.seconds[done:], ff.computed + done
         self._busy[ff.rank] = ff.ends[-1]
         ff.event = self._at(ff.ends[-1], ff.rank, msgspec.structs.replace(ff.event.msg, seconds=ff.last_seconds()))
 
@@ -296,6 +319,7 @@ class SimCluster(Cluster):
                                                      [self._token] * len(work.samples)))
             self._ff[work.step_id] = ff
             self.ff_stats["flights"] += 1
+            self.ff_stats["queued"] += ff.head != (None, None)
             self.ff_stats["steps"] += len(ff.ends)
             return
         batch = [(len(s.tokens), s.num_computed) for s in work.seqs]
@@ -360,14 +384,12 @@ class SimCluster(Cluster):
             ev = heapq.heappop(self._queue)
             if ev.cancelled:
                 continue
-            if isinstance(ev.msg, StageDone) and ev.msg.step_id in self._ff:
-                ff = self._ff.pop(ev.msg.step_id)
-                flight = next((i.flights[ev.msg.step_id] for i in self.instances.values()  # (or a group's, merged)
-                               if ev.msg.step_id in i.flights), None)
-                if flight is not None:
-                    for seq, _ in flight.sched.scheduled:
-                        self.token_times[seq.request_id] = ff.ends
+            ff = self._ff.pop(ev.msg.step_id, None) if isinstance(ev.msg, StageDone) else None
+            n = len(outputs)
             self._handle(self.workers[ev.rank], ev.msg, outputs)
+            if ff is not None:  # (its flight may be a merged group's now, which commits it the same)
+                for o in outputs[n:]:
+                    self.token_times[id(o)] = ff.ends
 
     def _watch(self, outputs: list[RequestOutput]) -> None:
         """Simulated workers never die. Runs between the commits and `elastic.tick()`."""
@@ -376,6 +398,8 @@ class SimCluster(Cluster):
     def step(self, timeout_s: float = 0.0, wake_fd: int | None = None) -> list[RequestOutput]:
         out = super().step(timeout_s, wake_fd)
         self._cut_if_throttled()  # the trigger looks again at the next event, whoever's it is
+        out += self.outputs_pending  # of the steps a cut committed
+        self.outputs_pending = []
         return out
 
     def _throttled(self) -> bool:
@@ -402,3 +426,8 @@ class SimCluster(Cluster):
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         pass
+
+
+def _head(inst: Instance) -> tuple[str | None, str | None]:
+    sched = inst.scheduler
+    return (sched.swapped[0].seq_id if sched.swapped else None, sched.waiting[0].seq_id if sched.waiting else None)

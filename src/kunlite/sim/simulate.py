@@ -88,7 +88,7 @@ def simulate(options: EngineOptions, hardware: SimHardware, trace: list[TraceReq
             k = int(o.request_id)
             if o.new_token_ids:
                 # A fast-forward's output holds several tokens; each came at its own step's end.
-                times = c.token_times.pop(o.request_id, [now]) if len(o.new_token_ids) > 1 else [now]
+                times = c.token_times.pop(id(o), None) or [now]
                 for t in times:
                     if k not in first:
                         first[k] = t
