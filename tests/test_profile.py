@@ -98,3 +98,50 @@ def test_quick_profile_on_a_tiny_model(tiny_root: Path, tmp_path: Path, capsys: 
     assert cost.step_seconds(batch, (0, 3)) == pytest.approx(cost.weights.predict(batch)) and link is None
     _, link = load_profile({**p, "p2p": [[1024, 1e-4], [1 << 20, 1e-3]]})
     assert link is not None and link.seconds(1 << 20) == pytest.approx(1e-3)
+
+
+def test_served_seconds_by_hand() -> None:
+    from kunlite.sim.profile_served import served_seconds
+
+    log = [
+        # instance 0: planned at 1.0, committed 1.5; the next was planned before that commit
+        # (at 1.45: a pipeline of one? no: the plan raced the commit message), so it counts from 1.5
+        {"instance": 0, "stages": 1, "started": 1.0, "ended": 1.5, "batch": [[16, 0]]},
+        {"instance": 0, "stages": 1, "started": 1.45, "ended": 1.7, "batch": [[1, 16]]},
+        # after idling, a step counts from its plan
+        {"instance": 0, "stages": 1, "started": 3.0, "ended": 3.1, "batch": [[1, 17]]},
+        # another instance's steps interleave and count on their own
+        {"instance": 1, "stages": 1, "started": 1.2, "ended": 1.6, "batch": [[8, 0], [1, 30]]},
+        # a pipeline's steps and a batch not recorded are left out
+        {"instance": 2, "stages": 2, "started": 1.0, "ended": 1.4, "batch": [[1, 5]]},
+        {"instance": 1, "stages": 1, "started": 2.0, "ended": 2.2, "batch": None},
+    ]
+    got = served_seconds(log)
+    assert [(b, pytest.approx(s)) for b, s in got] == [
+        ([(16, 0)], 0.5), ([(1, 16)], 0.2), ([(1, 17)], 0.1), ([(8, 0), (1, 30)], 0.4)]
+
+
+def test_served_profile_through_a_two_worker_server(smollm2: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # The real server (2 workers, gloo) under the quick calibration load: every replica step
+    # is in the step log with its batch, and the fit comes from them.
+    out, steps = tmp_path / "served.json", tmp_path / "steps.jsonl"
+    assert kunlite_main(["profile", "--served", "--quick", "--model", str(smollm2), "--devices", "2", "--threads", "1",
+                         "--device-memory", "1GiB", "--max-model-len", "256", "--dtype", "bfloat16",
+                         "--step-log", str(steps), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "calibration waves served" in printed and "relative error median" in printed
+    lines = [json.loads(x) for x in steps.read_text().splitlines()]
+    assert {x["instance"] for x in lines} == {0, 1}  # both replicas served
+    assert all(x["ended"] > x["started"] and x["batch"] for x in lines)
+    # the prompts' tokens were logged (6 waves at once, 2 long and 12 burst requests; a few
+    # may come from the prefix cache), and decode steps of up to 6 sequences a replica
+    prefilled = sum(q for x in lines for q, _ in x["batch"] if q > 1)
+    assert prefilled >= 0.8 * ((16 + 64) * (1 + 4 + 12) + 2 * 100 + 12 * 48)
+    assert max(sum(q == 1 for q, _ in x["batch"]) for x in lines) >= 6
+    p = json.loads(out.read_text())
+    assert (p["grid"], p["dtype"], p["threads"], p["num_layers"]) == ("served-quick", "bfloat16", 1, 30)
+    assert p["served"]["steps"] == len(lines) and len(p["samples"]) > 20
+    assert all(w >= 0 for w in p["fit"]["weights"].values()) and p["fit"]["report"]["num_eval"] > 0
+    cost, _ = load_profile(out)
+    assert cost.step_seconds([(1, 100)] * 8, (0, 30)) > cost.step_seconds([(1, 100)], (0, 30)) > 0

@@ -53,6 +53,7 @@ class EngineOptions:
     calm_fraction: float = 0.5  # kunserve: calm under this share of the undropped capacity
     calm_window: float = 5.0  # kunserve: ... for this many seconds without growth
     microbatch: str = "balanced"  # how a pipeline splits its work: balanced (by predicted cost) or even
+    step_log: str | None = None  # append each committed step here as a JSON line (`kunlite profile --served`)
 
     def check_cluster(self) -> None:
         """The cluster flags that can be judged before anything starts (ConfigError)."""
@@ -179,6 +180,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--no-restart-workers", dest="restart_workers", action="store_false",
                    help="do not restart a worker that died")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--step-log", default=None, metavar="PATH",
+                   help="append every committed step to PATH as a JSON line: its instance and stages, when it was "
+                        "planned and committed (monotonic seconds) and its batch [[new tokens, context], ...] "
+                        "(`kunlite profile --served` fits the simulator's step cost from it)")
 
 
 def options_from_args(args: argparse.Namespace) -> EngineOptions:

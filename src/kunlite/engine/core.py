@@ -120,3 +120,7 @@ class EngineCore:
 
     def take_timings(self) -> list[StepTiming]:
         return self.instance.take_timings()
+
+    def record_batches(self) -> None:
+        """Every StepTiming from now on carries its batch (--step-log)."""
+        self.instance.record_batches = True

@@ -101,6 +101,7 @@ class Instance:
         self.max_in_flight = len(members)
         self.flights: dict[int, _Flight] = {}
         self.timings: list[StepTiming] = []
+        self.record_batches = False  # StepTiming.batch (--step-log)
         self.events: list[ClusterEvent] = []  # for the monitor's timeline; taken by the engine loop
         self._step_ids = step_ids or itertools.count()  # shared by a cluster's instances: ids are unique
         self._aborting: set[str] = set()  # seq ids aborted while in flight
@@ -394,7 +395,10 @@ class Instance:
                     self.scheduler.finish(seq, "abort")
                     outputs.append(output_of(seq, []))
         context = sum(s.num_computed_tokens for s, _ in sched.scheduled)  # KV lengths after the step
-        self.timings.append(StepTiming(flight.prefill, flight.decode, context, self.clock.now() - flight.started))
+        now = self.clock.now()
+        self.timings.append(StepTiming(flight.prefill, flight.decode, context, now - flight.started, self.id,
+                                       flight.started, now, self.num_stages,
+                                       flight.shape if self.record_batches else None))
         return outputs
 
     def swap_counters(self, page_bytes: int) -> dict[str, int]:

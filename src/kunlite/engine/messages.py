@@ -74,6 +74,10 @@ class StepTiming(msgspec.Struct, frozen=True, array_like=True):
     num_context_tokens: int  # sum of KV lengths attended over
     seconds: float
     instance: int = 0
+    started: float = 0.0  # the engine clock when it was planned ...
+    ended: float = 0.0  # ... and committed (seconds == ended - started)
+    stages: int = 1  # members of the instance that ran it
+    batch: list[tuple[int, int]] | None = None  # (new tokens, context) per sequence, with --step-log only
 
 
 # Instance states in which an instance steps and takes requests; a restoring one takes requests

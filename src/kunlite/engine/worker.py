@@ -42,6 +42,7 @@ HEARTBEAT_S = 0.5  # the longest gap between two EngineOutputs, idle or not
 IDLE_POLL_S = 0.005  # wait when requests exist but none could be scheduled (no busy spin)
 
 _encoder = msgspec.msgpack.Encoder()
+_json = msgspec.json.Encoder()
 _decoder = msgspec.msgpack.Decoder(ToEngine)
 
 
@@ -50,12 +51,24 @@ class _Shutdown(Exception):
 
 
 class Worker:
-    def __init__(self, core: Any, conn: Connection) -> None:
+    def __init__(self, core: Any, conn: Connection, step_log: str | None = None) -> None:
         self.core = core  # EngineCore (imported lazily: torch loads in the child only)
         self.conn = conn
         self.last_sent = 0.0
+        self.step_log = open(step_log, "ab") if step_log else None  # noqa: SIM115 - open while the loop runs
+        if self.step_log is not None:
+            core.record_batches()
         # request id -> time it arrived here, until the scheduler first runs it
         self.queued_since: dict[str, float] = {}
+
+    def write_steps(self, timings: list[Any]) -> None:
+        """One JSON line per committed step (the batch travels no further: the front end's
+        cost model reads the aggregates)."""
+        for t in timings:
+            self.step_log.write(_json.encode({"instance": t.instance, "stages": t.stages, "started": t.started,  # type: ignore[union-attr]
+                                               "ended": t.ended, "batch": t.batch}) + b"\n")
+        self.step_log.flush()  # type: ignore[union-attr]
+        timings[:] = [msgspec.structs.replace(t, batch=None) for t in timings]
 
     def send(self, msg: FromEngine) -> None:
         self.conn.send_bytes(_encoder.encode(msg))
@@ -105,6 +118,8 @@ class Worker:
             outputs.extend(stepped)
             queued = self.queue_times(step_start, stepped)
             timings = self.core.take_timings()
+            if self.step_log is not None and timings:
+                self.write_steps(timings)
             moved = self.core.take_moved()
             events = self.core.take_events()
             now = time.monotonic()
@@ -163,7 +178,7 @@ def worker_main(options: dict[str, Any], conn: Connection, priority_order: bool 
             core = EngineCore(config, priority_order=priority_order)
         if warmup:
             warm_up(core)
-        worker = Worker(core, conn)
+        worker = Worker(core, conn, opts.step_log)
         worker.send(EngineReady(core.kv_capacity_tokens, core.max_model_len, config.model.num_layers,
                                 str(config.device.torch_dtype).removeprefix("torch."), config.device.backend_name,
                                 len(getattr(core, "instances", [0])), opts.devices))
@@ -182,4 +197,6 @@ def worker_main(options: dict[str, Any], conn: Connection, priority_order: bool 
     finally:
         if core is not None:
             core.shutdown()
+        if worker is not None and worker.step_log is not None:
+            worker.step_log.close()
         conn.close()

@@ -19,7 +19,9 @@ and restores marked.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import sys
 import tempfile
 from dataclasses import replace
@@ -113,15 +115,20 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def model_dir(name: str | None) -> str:
-    """A directory with the model's config.json: a built-in config (written to a temporary
-    directory; no weights are needed), or a model kunlite can load."""
+    """A directory with the model's config.json: a built-in config (written once to a directory
+    of the temporary folder named by its content, so runs share it and leave nothing more; no
+    weights are needed), or a model kunlite can load."""
     from kunlite.engine.pull import resolve_model
     from kunlite.sim.model_configs import builtin_config_dict, builtin_name
 
     if name and builtin_name(name):
-        d = Path(tempfile.mkdtemp(prefix="kunlite-sim-"))
-        cfg = builtin_config_dict(name)
-        (d / "config.json").write_text(json.dumps(cfg))
+        text = json.dumps(builtin_config_dict(name), sort_keys=True)
+        d = Path(tempfile.gettempdir()) / f"kunlite-sim-{builtin_name(name)}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+        d.mkdir(exist_ok=True)
+        if not (d / "config.json").exists():
+            tmp = d / f"config.json.{os.getpid()}"
+            tmp.write_text(text)
+            os.replace(tmp, d / "config.json")  # whole, even when two runs race
         return str(d)
     return str(resolve_model(name))
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -193,22 +194,45 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kunlite profile",
                                      description="Time engine steps over a grid and fit the step cost model.")
     add_engine_args(parser)
-    parser.add_argument("--quick", action="store_true", help="a short grid (about 30 s on the default model)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short grid (about 30 s on the default model); with --served, a short calibration load")
     parser.add_argument("--repeats", type=int, default=None, help="runs of each cell (default: 3, quick 2)")
     parser.add_argument("--out", default=None, help="JSON file (default: profile-<model>-<device>.json)")
     parser.add_argument("--p2p", action="store_true",
                         help="also measure P2P between two workers by message size (transfer.probe; gloo on CPU)")
+    parser.add_argument("--served", action="store_true",
+                        help="time steps as a server pays them: `kunlite serve` with these engine flags (e.g. "
+                             "--devices 2) under a calibration load through the API, fitted from its --step-log")
+    parser.add_argument("--from-steps", default=None, metavar="PATH",
+                        help="with --served: fit an existing --step-log instead of serving")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    grid = QUICK if args.quick else FULL
-    if args.repeats is not None:
-        if args.repeats < 1:
-            parser.error("--repeats must be >= 1")
-        grid = dataclasses.replace(grid, repeats=args.repeats)
-    base = options_from_args(args)
-    options = dataclasses.replace(base, enable_prefix_caching=True,
-                                  max_num_batched_tokens=max(grid.budget, base.max_num_batched_tokens or 0),
-                                  max_num_seqs=max(grid.max_seqs, base.max_num_seqs))
-    result = profile(options, grid, grid_name="quick" if args.quick else "full")
+    if args.served:
+        from kunlite.engine.pull import resolve_model
+        from kunlite.sim.profile_served import served_profile
+
+        own = {"--quick": 0, "--repeats": 1, "--out": 1, "--p2p": 0, "--served": 0, "--from-steps": 1, "--model": 1,
+               "--step-log": 1}
+        engine_argv, i = [], 0
+        while i < len(argv):
+            name = argv[i].split("=", 1)[0]
+            skip = own.get(name)
+            if skip is None:
+                engine_argv.append(argv[i])
+            i += 1 + (skip or 0) * ("=" not in argv[i])
+        result = served_profile(engine_argv, str(resolve_model(args.model)), args.from_steps, args.quick,
+                                args.step_log)
+    else:
+        grid = QUICK if args.quick else FULL
+        if args.repeats is not None:
+            if args.repeats < 1:
+                parser.error("--repeats must be >= 1")
+            grid = dataclasses.replace(grid, repeats=args.repeats)
+        base = options_from_args(args)
+        options = dataclasses.replace(base, enable_prefix_caching=True,
+                                      max_num_batched_tokens=max(grid.budget, base.max_num_batched_tokens or 0),
+                                      max_num_seqs=max(grid.max_seqs, base.max_num_seqs))
+        result = profile(options, grid, grid_name="quick" if args.quick else "full")
     if args.p2p:
         from kunlite.transfer.probe import measure
 

@@ -119,6 +119,7 @@ class Cluster:
         self._reforming: int | None = None  # the generation being formed
         self._reform_deadline = 0.0
         self._closed = False
+        self._record_batches = False
 
     def _ready(self) -> None:
         """The workers are loaded and the instances built: start the policies that need them."""
@@ -192,9 +193,11 @@ class Cluster:
 
     def make_instance(self, iid: int, members: list[Member]) -> Instance:
         slots = [self._assignment(m.rank).swap_slots for m in members]
-        return Instance(iid, members, self.config.scheduler, make_policy(self.config.scheduler.preemption_mode, slots),
+        inst = Instance(iid, members, self.config.scheduler, make_policy(self.config.scheduler.preemption_mode, slots),
                         self.eos, self.max_model_len, priority_order=self.priority_order, step_ids=self.step_ids,
                         microbatch=self.options.microbatch, clock=self.clock)
+        inst.record_batches = self._record_batches
+        return inst
 
     def _new_instance(self, iid: int, ranks: list[int]) -> Instance:
         members = []
@@ -440,6 +443,13 @@ class Cluster:
 
     def take_timings(self) -> list[StepTiming]:
         return [msgspec.structs.replace(t, instance=i.id) for i in self.instances.values() for t in i.take_timings()]
+
+    def record_batches(self) -> None:
+        """Every StepTiming from now on carries its batch (--step-log), in every instance,
+        those made by a merge or a split too."""
+        self._record_batches = True
+        for inst in self.instances.values():
+            inst.record_batches = True
 
     def take_events(self) -> list[ClusterEvent]:
         out, self.events = self.events, []
