@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -38,7 +37,7 @@ import httpx
 
 from kunlite.bench.burst import all_at_once, long_then_burst, run, with_trace, write_trace
 from kunlite.bench.datasets import TextTokens
-from kunlite.engine.cluster.launch import free_port
+from kunlite.bench.server import start_server, stop_server
 from kunlite.engine.pull import resolve_model
 
 SERVED = "SmolLM2-135M-Instruct"
@@ -57,35 +56,12 @@ POLICIES = {
 
 
 def start(model: str, args: argparse.Namespace, policy: list[str], log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port("127.0.0.1")
-    cmd = [sys.executable, "-m", "kunlite", "serve", "--model", model, "--served-model-name", SERVED, "--port",
-           str(port), "--devices", "2", "--dtype", "bfloat16",
-           "--threads", "1", "--device-memory", args.device_memory, "--max-model-len", str(args.max_model_len),
-           "--no-access-log", *policy]
-    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}; see {log}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    proc.kill()
-    raise TimeoutError(f"the server did not start; see {log}")
+    return start_server(["--model", model, "--served-model-name", SERVED, "--devices", "2", "--dtype", "bfloat16",
+                         "--threads", "1", "--device-memory", args.device_memory, "--max-model-len",
+                         str(args.max_model_len), "--no-access-log", *policy], log)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
+stop = stop_server
 
 
 def instance_states(url: str) -> list[str]:

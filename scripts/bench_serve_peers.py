@@ -33,6 +33,8 @@ from pathlib import Path
 
 import httpx
 
+from kunlite.bench.server import stop_server
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -88,12 +90,7 @@ def serve(cmd: list[str], health: str, log: Path, env: dict[str, str] | None = N
     return proc
 
 
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+stop = stop_server
 
 
 def main() -> None:

@@ -18,9 +18,6 @@ grid profile's is.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterable
@@ -81,28 +78,12 @@ def serve_and_log(engine_argv: list[str], model: str, step_log: Path, quick: boo
     stop it."""
     from kunlite.bench.burst import run
     from kunlite.bench.datasets import TextTokens
-    from kunlite.engine.cluster.launch import free_port
+    from kunlite.bench.server import start_server, stop_server
 
-    port = free_port("127.0.0.1")
     out = step_log.with_suffix(".server.log")
-    cmd = [sys.executable, "-m", "kunlite", "serve", *engine_argv, "--model", model, "--port", str(port),
-           "--served-model-name", SERVED, "--no-access-log", "--step-log", str(step_log)]
-    proc = subprocess.Popen(cmd, stdout=out.open("wb"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_server([*engine_argv, "--model", model, "--served-model-name", SERVED, "--no-access-log",
+                              "--step-log", str(step_log)], out)
     try:
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {proc.returncode}; see {out}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise TimeoutError(f"the server did not start in 300 s; see {out}")
-            time.sleep(1)
         info = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]
         tokens = TextTokens(model)
         waves = calibration_waves(int(info.get("max_model_len") or 512), quick)
@@ -113,12 +94,7 @@ def serve_and_log(engine_argv: list[str], model: str, step_log: Path, quick: boo
                 raise RuntimeError(f"calibration wave {i}: {res['all']['failed']} requests failed; see {out}")
         log(f"{len(waves)} calibration waves served in {time.perf_counter() - t0:.0f} s")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_server(proc)
 
 
 def served_profile(engine_argv: list[str], model: str, from_steps: str | None = None, quick: bool = False,
