@@ -163,17 +163,20 @@ def nnls(a: np.ndarray, b: np.ndarray, max_iter: int | None = None) -> np.ndarra
     return np.maximum(x, 0.0) / scale
 
 
-def fit_weights(batches: Sequence[Batch], seconds: Sequence[float], *, relative: bool = True) -> StepCostWeights:
+def fit_weights(batches: Sequence[Batch], seconds: Sequence[float], *, relative: bool = True,
+                sample_weights: Sequence[float] | None = None) -> StepCostWeights:
     """Non-negative least-squares weights from measured steps.
 
     relative=True minimises sum ((pred - s) / s)^2, the relative errors; False the absolute
-    ones. With collinear features (every step a decode: T == B) the split between the
-    collinear weights is arbitrary but the predictions on such batches stay right.
+    ones; each term times its sample weight if given. With collinear features (every step a
+    decode: T == B) the split between the collinear weights is arbitrary but the predictions
+    on such batches stay right.
     """
-    return fit_feature_weights(feature_matrix(batches), seconds, relative=relative)
+    return fit_feature_weights(feature_matrix(batches), seconds, relative=relative, sample_weights=sample_weights)
 
 
-def fit_feature_weights(x: np.ndarray, seconds: Sequence[float], *, relative: bool = True) -> StepCostWeights:
+def fit_feature_weights(x: np.ndarray, seconds: Sequence[float], *, relative: bool = True,
+                        sample_weights: Sequence[float] | None = None) -> StepCostWeights:
     """fit_weights from the (n, 4) feature matrix of the batches (FEATURES' columns)."""
     y = np.asarray(seconds, dtype=np.float64)
     if len(x) != len(y) or len(y) == 0:
@@ -181,6 +184,8 @@ def fit_feature_weights(x: np.ndarray, seconds: Sequence[float], *, relative: bo
     if not (y > 0).all():
         raise ValueError("every measured step must take > 0 seconds")
     row = 1.0 / y if relative else np.ones_like(y)
+    if sample_weights is not None:
+        row = row * np.sqrt(np.asarray(sample_weights, dtype=np.float64))  # (n,) squared in the loss
     w = nnls(x * row[:, None], y * row)
     return StepCostWeights(*(float(v) for v in w))
 
@@ -222,18 +227,20 @@ def evaluate(weights: StepCostWeights, batches: Sequence[Batch], seconds: Sequen
 
 
 def fit_with_report(batches: Sequence[Batch], seconds: Sequence[float], *, holdout_every: int = 4,
-                    relative: bool = True) -> tuple[StepCostWeights, FitReport]:
+                    relative: bool = True, sample_weights: Sequence[float] | None = None,
+                    ) -> tuple[StepCostWeights, FitReport]:
     """Weights fitted on every sample, and the report of a fit that left every
     `holdout_every`-th sample out, evaluated on those (in-sample below 2 * holdout_every
     samples, where a hold-out would leave too little to fit)."""
     n = len(batches)
-    weights = fit_weights(batches, seconds, relative=relative)
+    weights = fit_weights(batches, seconds, relative=relative, sample_weights=sample_weights)
     if n < 2 * holdout_every:
         return weights, evaluate(weights, batches, seconds, num_fit=n, held_out=False)
     test = np.zeros(n, dtype=bool)
     test[holdout_every - 1 :: holdout_every] = True
     train_i, test_i = np.flatnonzero(~test).tolist(), np.flatnonzero(test).tolist()
-    w_train = fit_weights([batches[i] for i in train_i], [seconds[i] for i in train_i], relative=relative)
+    w_train = fit_weights([batches[i] for i in train_i], [seconds[i] for i in train_i], relative=relative,
+                          sample_weights=None if sample_weights is None else [sample_weights[i] for i in train_i])
     report = evaluate(w_train, [batches[i] for i in test_i], [seconds[i] for i in test_i],
                       num_fit=len(train_i), held_out=True)
     return weights, report

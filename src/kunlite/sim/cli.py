@@ -43,11 +43,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                           max_num_seqs=1024, max_num_batched_tokens=4096, max_model_len=16384),
     # ... and 64 H800 (8 nodes of 8) serving Qwen2.5-72B: 145 GB of weights need more than one
     # GPU, so an instance is 4 GPUs (tensor-parallel 4, simulated as one device of 4 GPUs'
-    # compute, memory and links): 16 replicas. NOT YET TUNED: the same trace as the A800 preset,
-    # but these 16 replicas hold ~4x its KV (7.8 M tokens against 1.9 M), so this does not
-    # overflow; it needs ~4x the load, and a seed whose burst lands on a full pool.
+    # compute, memory and links): 16 replicas. They hold ~4x the A800 preset's KV (7.8 M tokens
+    # against 1.9 M) and compute faster, so the same trace shape comes at 50 req/s (9,000
+    # requests) to fill them before the burst as the A800 one does.
     "kunserve-h800-64": dict(model="qwen2.5-72b", device="h800", devices=64, tensor_parallel=4, duration=180.0,
-                             rate=7.8, burst_factor=8.0, burst_seconds=15.0, calm_seconds=240.0, seed=11,
+                             rate=50.0, burst_factor=8.0, burst_seconds=15.0, calm_seconds=240.0, seed=11,
                              long_fraction=0.7, long_output_median=4000.0, long_output_max=8192,
                              max_num_seqs=1024, max_num_batched_tokens=4096, max_model_len=16384),
 }
@@ -144,7 +144,9 @@ def hardware(args: argparse.Namespace, model: Any) -> Any:
         link = measured.seconds if measured is not None else Link(150e-6, 2e9).seconds  # gloo here, if unmeasured
         if not args.device_memory:
             raise ConfigError("--profile needs --device-memory (the pool of each CPU worker)")
-        return SimHardware(cost, link, Link(10e-6, 10e9).seconds, 10e9, parse_size(args.device_memory))
+        front = json.loads(Path(args.profile).read_text()).get("frontend") or {}  # kunlite profile --served
+        return SimHardware(cost, link, Link(10e-6, 10e9).seconds, 10e9, parse_size(args.device_memory),
+                           front.get("ingress_s", 0.0), front.get("egress_s", 0.0))
     from kunlite.sim.hardware import AnalyticStepCost, get_device
     from kunlite.sim.link import LinkKind, link_for
 
@@ -179,20 +181,24 @@ def trace_of(args: argparse.Namespace) -> list[Any]:
     return traces.generate(spec)
 
 
+def setup(args: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
+    """(EngineOptions, SimHardware, trace) of parsed, resolved arguments."""
+    from kunlite.engine.args import EngineOptions
+
+    opts = EngineOptions(model=model_dir(args.model), devices=args.devices // args.tensor_parallel, dtype=args.dtype,
+                         page_size=args.page_size, max_num_seqs=args.max_num_seqs or 64,
+                         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                         enable_prefix_caching=False)
+    return opts, hardware(args, opts.build().model), trace_of(args)
+
+
 def main(argv: list[str]) -> int:
     args = _resolve(build_parser().parse_args(argv))
-    from kunlite.engine.args import EngineOptions
     from kunlite.sim.plots import plot_results
     from kunlite.sim.simulate import run_policies
 
     try:
-        mdir = model_dir(args.model)
-        opts = EngineOptions(model=mdir, devices=args.devices // args.tensor_parallel, dtype=args.dtype, page_size=args.page_size,
-                             max_num_seqs=args.max_num_seqs or 64, max_num_batched_tokens=args.max_num_batched_tokens,
-                             max_model_len=args.max_model_len, enable_prefix_caching=False)
-        model = opts.build().model
-        hw = hardware(args, model)
-        trace = trace_of(args)
+        opts, hw, trace = setup(args)
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

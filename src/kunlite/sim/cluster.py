@@ -73,6 +73,8 @@ class SimHardware:
     host_seconds: Any  # callable: bytes -> seconds to or from host memory (swap, weights from host)
     copy_bandwidth: float  # bytes/s of a copy within a device
     device_memory: int  # bytes of each device's pool
+    ingress_seconds: float = 0.0  # a request reaches the engine this long after it is sent (the front end)
+    egress_seconds: float = 0.0  # a token reaches the client this long after its step commits
 
 
 @dataclass(order=True)

@@ -1,7 +1,9 @@
 """Replay a trace through a simulated cluster, one overload policy after another.
 
 Each request of the trace (arrival, prompt tokens, output tokens) is sent to a `SimCluster` at
-its arrival, as the server would (the engine's dispatcher picks the instance; EOS is ignored,
+its arrival (plus the front end's ingress latency, and its tokens reach the client after the
+egress latency: both measured by `kunlite profile --served`, else 0), as the server would (the
+engine's dispatcher picks the instance; EOS is ignored,
 so each produces exactly its output tokens), and the loop moves virtual time from event to
 event: arrivals, the end of a stage, the end of a transfer, and a tick every `tick_s` while a
 policy watches the load (migration, the parameter-centric trigger and calm window). Outputs
@@ -56,6 +58,7 @@ def simulate(options: EngineOptions, hardware: SimHardware, trace: list[TraceReq
     c = SimCluster(options, hardware, fast_forward=fast_forward)
     clock = c.clock
     rng = np.random.default_rng(seed)
+    ingress, egress = hardware.ingress_seconds, hardware.egress_seconds
     reqs = sorted(trace, key=lambda r: r.arrival)
     records = [RequestRecord(i, r.arrival, r.prompt_tokens, r.output_tokens) for i, r in enumerate(reqs)]
     first: dict[int, float] = {}
@@ -69,19 +72,20 @@ def simulate(options: EngineOptions, hardware: SimHardware, trace: list[TraceReq
     next_sample = 0.0
     i = 0
     while i < len(reqs) or c.has_unfinished or (c.elastic is not None and c.elastic.groups):
-        candidates = [t for t in (reqs[i].arrival if i < len(reqs) else None, c.next_event()) if t is not None]
+        candidates = [t for t in (reqs[i].arrival + ingress if i < len(reqs) else None, c.next_event())
+                      if t is not None]
         if watching:
             candidates.append(clock.now() + tick_s)
         if not candidates:
             break  # nothing can happen any more (requests stuck: counted as failed below)
         clock.advance_to(min(candidates))
         now = clock.now()
-        while i < len(reqs) and reqs[i].arrival <= now:
+        while i < len(reqs) and reqs[i].arrival + ingress <= now:
             r = reqs[i]
             ids = rng.integers(3, vocab, max(r.prompt_tokens, 1)).tolist()
             params = SamplingParams(temperature=0.0, max_tokens=max(r.output_tokens, 1), ignore_eos=True)
             records[i].start = r.arrival
-            if c.add_request(EngineRequest(str(i), ids, params, r.arrival)):
+            if c.add_request(EngineRequest(str(i), ids, params, r.arrival + ingress)):
                 records[i].status = FAILED  # no instance serves
             i += 1
         for o in c.step(0.0):
@@ -89,7 +93,7 @@ def simulate(options: EngineOptions, hardware: SimHardware, trace: list[TraceReq
             if o.new_token_ids:
                 # A fast-forward's output holds several tokens; each came at its own step's end.
                 times = c.token_times.pop(id(o), None) or [now]
-                for t in times:
+                for t in (x + egress for x in times):
                     if k not in first:
                         first[k] = t
                     else:
@@ -98,11 +102,11 @@ def simulate(options: EngineOptions, hardware: SimHardware, trace: list[TraceReq
                 count[k] = count.get(k, 0) + len(o.new_token_ids)
             if o.finish_reason is not None:
                 rec = records[k]
-                rec.end = now
+                rec.end = now + egress
                 if o.finish_reason == "error":
                     rec.status, rec.error = FAILED, "the device failed"
                 else:
-                    rec.status, rec.ttft, rec.e2e = OK, first[k] - rec.arrival, now - rec.arrival
+                    rec.status, rec.ttft, rec.e2e = OK, first[k] - rec.arrival, rec.end - rec.arrival
                     rec.itl, rec.output_tokens = itl.get(k, []), count.get(k, 0)
         events += [(e.time, e.kind, e.instance) for e in c.take_events()]
         if now >= next_sample:
