@@ -1,13 +1,18 @@
 """Bursts against a 2-worker CPU cluster of the default model, one overload policy after another,
 on the same workload and KV budget; one table at the end.
 
-    python scripts/bench_burst.py [--policies recompute,swap,migrate,pp2] [--scenarios burst,at-once]
+    python scripts/bench_burst.py [--policies recompute,swap,migrate,pp2] [--scenarios burst,at-once,dense]
                                   [--device-memory 271MiB] [--trace BURSTGPT.csv] [--json out.json]
 
 KunServe's setting (`burst`): long generations (chain-of-thought-like, hundreds of tokens) hold
 most of the KV when a burst of short requests arrives (gamma arrivals, or the rows of a
 BurstGPT-format CSV with --trace). 271 MiB per device leaves 624 KV tokens per worker next to
-SmolLM2's bf16 parameters (1,248 in all), and the burst needs about twice that. `at-once`: every
+SmolLM2's bf16 parameters (1,248 in all), and the burst needs about twice that. `dense`: the
+KV is full from the start (8 long generations of 60 tokens) and a burst of 32 comes at 0.5 s,
+48 a second: under a KV-centric policy every burst request waits for KV the longs hold, so
+its TTFT moves in proportion to the step time, not on the knife edge of whether the longs end
+before it arrives, as in `burst` (the simulator is validated on it: scripts/validate_sim.py,
+docs/benchmarks.md). `at-once`: every
 request at t = 0 with a short prompt: all are admitted, and the cost shows in TPOT and
 preemptions instead. Policies: recompute (vLLM), swap (InferCept), migrate (Llumnix) on two
 replicas; pp2, a static 2-stage pipeline (vLLM-PP) over the same two devices; and kunserve
@@ -33,11 +38,9 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
-from kunlite.bench.burst import all_at_once, long_then_burst, run, with_trace, write_trace
+from kunlite.bench.burst import all_at_once, dense, long_then_burst, run, with_trace, write_trace
 from kunlite.bench.datasets import TextTokens
-from kunlite.bench.server import start_server, stop_server
+from kunlite.bench.server import instance_states, settle, start_server, stop_server
 from kunlite.engine.pull import resolve_model
 
 SERVED = "SmolLM2-135M-Instruct"
@@ -56,29 +59,14 @@ POLICIES = {
 
 
 def start(model: str, args: argparse.Namespace, policy: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+    log.with_suffix(".steps.jsonl").unlink(missing_ok=True)  # each committed step, for the simulator's checks
     return start_server(["--model", model, "--served-model-name", SERVED, "--devices", "2", "--dtype", "bfloat16",
                          "--threads", "1", "--device-memory", args.device_memory, "--max-model-len",
-                         str(args.max_model_len), "--no-access-log", *policy], log)
+                         str(args.max_model_len), "--no-access-log", "--step-log", str(log.with_suffix(".steps.jsonl")),
+                         *policy], log)
 
 
 stop = stop_server
-
-
-def instance_states(url: str) -> list[str]:
-    return [i["state"] for i in httpx.get(url + "/v1/cluster", timeout=5).json()["instances"]]
-
-
-def settle(url: str, instances: int, timeout_s: float = 90.0) -> None:
-    """Wait until the cluster has its first topology again, every instance serving (a merged
-    kunserve group splits after its calm window), so that each scenario starts the same way."""
-    deadline = time.time() + timeout_s
-    states = instance_states(url)
-    while not (len(states) == instances and all(s == "serving" for s in states)):
-        if time.time() > deadline:
-            raise TimeoutError(f"the cluster did not return to {instances} serving instances in {timeout_s:.0f} s: "
-                               f"{states}")
-        time.sleep(0.5)
-        states = instance_states(url)
 
 
 def workloads(args: argparse.Namespace) -> dict[str, list]:
@@ -89,7 +77,8 @@ def workloads(args: argparse.Namespace) -> dict[str, list]:
         from kunlite.sim.traces import read_burstgpt
 
         burst = with_trace(burst, read_burstgpt(args.trace, limit=args.burst), args.burst_at)
-    out = {"burst": burst, "at-once": all_at_once(n=args.at_once, prompt=args.at_once_prompt,
+    out = {"burst": burst, "dense": dense(long_prompt=args.long_prompt, burst_prompt=args.burst_prompt,
+                                          burst_tokens=args.burst_tokens, burstiness=args.burstiness), "at-once": all_at_once(n=args.at_once, prompt=args.at_once_prompt,
                                                    tokens=args.at_once_tokens)}
     return {k: v for k, v in out.items() if k in args.scenarios.split(",")}
 

@@ -23,49 +23,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-METRICS = (("p50_ttft_ms", "TTFT P50"), ("p99_ttft_ms", "TTFT P99"), ("p50_tpot_ms", "TPOT P50"))
+from kunlite.sim.validate import METRICS, compare, simulate_records
+
 MEMORY = {"no-pressure": "1GiB"}  # bench_burst's reference runs with its own budget
 
 
-def trace_of(records: list[dict[str, Any]]) -> list[Any]:
-    """The requests a real run served: arrival, prompt tokens (the server's count: the client
-    puts an index in front of each prompt), output tokens."""
-    from kunlite.sim.traces import TraceRequest
-
-    return [TraceRequest(r["arrival"], r["prompt_len"], r["max_tokens"]) for r in records]
-
-
-def simulate_one(policy: str, records: list[dict[str, Any]], profile: str, device_memory: str,
-                 max_model_len: int, model: str | None) -> dict[str, Any]:
-    from kunlite.sim import cli
-    from kunlite.sim.simulate import run_policies
-
-    name = "recompute" if policy == "no-pressure" else policy
-    argv = ["--devices", "2", "--profile", profile, "--device-memory", MEMORY.get(policy, device_memory),
-            "--max-model-len", str(max_model_len), "--policies", name]
-    if model:
-        argv += ["--model", model]
-    args = cli._resolve(cli.build_parser().parse_args(argv))
-    opts, hw, _ = cli.setup(args)
-    (result,) = run_policies(opts, hw, trace_of(records), [name], slos={"ttft": 5e3, "tpot": 5e2})
-    return {**result.metrics, "counters": result.counters}
-
-
-def compare(real: dict[str, Any], profile: str, model: str | None, policies: list[str] | None) -> list[dict[str, Any]]:
+def compare_all(real: dict[str, Any], profile: str, model: str | None, policies: list[str] | None) -> list[dict[str, Any]]:
     a = real["args"]
     rows = []
     for key, res in real["results"].items():
         policy, scenario = key.split("/")
         if policies and policy not in policies:
             continue
-        sim = simulate_one(policy, res["records"], profile, a["device_memory"], a["max_model_len"], model)
-        row: dict[str, Any] = {"policy": policy, "scenario": scenario}
-        for m, _ in METRICS:
-            r, s = res["all"][m], sim[m]
-            row[m] = (r / 1e3, s / 1e3, (s - r) / r if r else None)
-        row["real_counters"] = res["counters"]
-        row["sim_counters"] = sim["counters"]
-        rows.append(row)
+        sim = simulate_records("recompute" if policy == "no-pressure" else policy, res["records"], profile,
+                               MEMORY.get(policy, a["device_memory"]), a["max_model_len"], model)
+        rows.append({"policy": policy, "scenario": scenario, **compare(res["all"], sim),
+                     "real_counters": res["counters"], "sim_counters": sim["counters"]})
     return rows
 
 
@@ -95,7 +68,7 @@ def main() -> None:
     p.add_argument("--json", default=None)
     a = p.parse_args()
     real = json.loads(Path(a.real).read_text())
-    rows = compare(real, a.profile, a.model, a.policies.split(",") if a.policies else None)
+    rows = compare_all(real, a.profile, a.model, a.policies.split(",") if a.policies else None)
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"# {platform.node()} {time.strftime('%Y-%m-%d %H:%M')} ({rev}): {a.real} against the simulator with "
           f"{a.profile}")

@@ -83,3 +83,17 @@ def test_kunserve_drops_and_restores_in_virtual_time(tiny: Path) -> None:
     # The timeline sees the layers change: 3 layers per device, then 2 + 1, then 3 again.
     held = [sorted(row[4] for row in rows) for _, rows in r.timeline]
     assert [3, 3] in held and [1, 2] in held
+
+
+def test_policies_in_worker_processes_give_the_same_results(tiny: Path) -> None:
+    from kunlite.sim.link import Link
+    from kunlite.sim.simulate import run_policies
+
+    hw = SimHardware(ConstantCost(0.01), Link(1e-4, 1e9).seconds, Link(1e-5, 1e10).seconds, 1e12, 650 * 1024)
+    trace = [TraceRequest(0.01 * i, 20 + 3 * i, 60) for i in range(10)]
+    policies = ["recompute", "swap", "kunserve-stall"]
+    one = run_policies(options(tiny, calm_window=0.5), hw, trace, policies)
+    two = run_policies(options(tiny, calm_window=0.5), hw, trace, policies, jobs=2)
+    key = lambda rs: [(r.policy, [(x.ttft, x.itl, x.e2e) for x in r.records], r.counters) for r in rs]  # noqa: E731
+    assert key(two) == key(one) and [r.policy for r in two] == policies
+    assert one[0].counters["preemptions"] > 0 and one[2].counters["drops"] > 0

@@ -4,6 +4,7 @@ Two scenarios, each a list of `BurstRequest`s (arrival time, prompt and output l
     long-then-burst  long generations (chain-of-thought-like, hundreds of tokens) start at once
                      and hold most of the KV; `burst_at` seconds later a burst of short requests
                      arrives, with gamma arrivals (or the rows of a BurstGPT-format CSV)
+    dense            the same with the KV full from the start and the burst soon after
     at-once          every request at t = 0 with a short prompt: all are admitted, and the cost
                      shows in TPOT and preemptions instead of TTFT
 The workload is written as a BurstGPT-format CSV as well, so that the simulator replays the
@@ -45,6 +46,15 @@ def long_then_burst(*, n_long: int, long_prompt: int, long_tokens: int, n_burst:
     longs = [BurstRequest(0.05 * i, long_prompt, long_tokens, "long") for i in range(n_long)]
     times = burst_at + gamma_arrivals(n_burst, burst_rate, burstiness, rng)
     return longs + [BurstRequest(float(t), burst_prompt, burst_tokens, "burst") for t in times]
+
+
+def dense(*, long_prompt: int = 100, burst_prompt: int = 48, burst_tokens: int = 48, burstiness: float = 0.5,
+          seed: int = 0) -> list[BurstRequest]:
+    """The KV full from the start (8 long generations of 60 tokens) and a burst of 32 at 0.5 s,
+    48 a second: under a KV-centric policy every burst request waits for KV the longs hold,
+    so TTFT moves in proportion to the step time (the simulator's validation workload)."""
+    return long_then_burst(n_long=8, long_prompt=long_prompt, long_tokens=60, n_burst=32, burst_prompt=burst_prompt,
+                           burst_tokens=burst_tokens, burst_at=0.5, burst_rate=48.0, burstiness=burstiness, seed=seed)
 
 
 def with_trace(longs: list[BurstRequest], rows: list[Any], burst_at: float) -> list[BurstRequest]:

@@ -43,3 +43,20 @@ def stop_server(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
+
+
+def instance_states(url: str) -> list[str]:
+    return [i["state"] for i in httpx.get(url + "/v1/cluster", timeout=5).json()["instances"]]
+
+
+def settle(url: str, instances: int, timeout_s: float = 90.0) -> None:
+    """Wait until the cluster has its first topology again, every instance serving (a merged
+    kunserve group splits after its calm window), so that each scenario starts the same way."""
+    deadline = time.time() + timeout_s
+    states = instance_states(url)
+    while not (len(states) == instances and all(s == "serving" for s in states)):
+        if time.time() > deadline:
+            raise TimeoutError(f"the cluster did not return to {instances} serving instances in {timeout_s:.0f} s: "
+                               f"{states}")
+        time.sleep(0.5)
+        states = instance_states(url)

@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policies", default="recompute,swap,migrate,pp2,kunserve-stall,kunserve-remote,kunserve-recompute")
     p.add_argument("--slo-ttft", type=float, default=5.0, help="seconds, for goodput")
     p.add_argument("--slo-tpot", type=float, default=0.5, help="seconds, for goodput")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="policies simulated at once, each in its own process (the results are the same)")
     p.add_argument("--no-fast-forward", dest="fast_forward", action="store_false",
                    help="step every decode one at a time (the same run, slower: for checking)")
     p.add_argument("--json", default=None)
@@ -203,7 +205,8 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     slos = {"ttft": args.slo_ttft * 1e3, "tpot": args.slo_tpot * 1e3}
-    results = run_policies(opts, hw, trace, args.policies.split(","), slos=slos, fast_forward=args.fast_forward)
+    results = run_policies(opts, hw, trace, args.policies.split(","), slos=slos, fast_forward=args.fast_forward,
+                           jobs=args.jobs)
     print(format_table(results, args, len(trace)))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items()},

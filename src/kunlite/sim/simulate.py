@@ -152,11 +152,19 @@ def _held_pages(c: SimCluster, rank: int, layers: tuple[int, int]) -> int:
 
 
 def run_policies(base: EngineOptions, hardware: SimHardware, trace: list[TraceRequest], policies: list[str], *,
-                 slos: dict[str, float] | None = None, fast_forward: bool = True) -> list[SimResult]:
-    out = []
+                 slos: dict[str, float] | None = None, fast_forward: bool = True, jobs: int = 1) -> list[SimResult]:
+    """One simulation per policy, in order; `jobs` > 1 runs that many at once in worker
+    processes (each simulation is deterministic: the same results)."""
     for name in policies:
         if name not in POLICIES:
             raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
-        opts = replace(base, **POLICIES[name])
-        out.append(simulate(opts, hardware, trace, slos=slos, policy=name, fast_forward=fast_forward))
-    return out
+    runs = [(replace(base, **POLICIES[name]), name) for name in policies]
+    if jobs <= 1 or len(runs) == 1:
+        return [simulate(o, hardware, trace, slos=slos, policy=n, fast_forward=fast_forward) for o, n in runs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=min(jobs, len(runs)), mp_context=multiprocessing.get_context("fork")) as pool:
+        futures = [pool.submit(simulate, o, hardware, trace, slos=slos, policy=n, fast_forward=fast_forward)
+                   for o, n in runs]
+        return [f.result() for f in futures]
