@@ -34,6 +34,7 @@ from kunlite.engine.microbatch import BubbleMeter, OnlineStepCost
 from kunlite.engine.preemption import PreemptionPolicy
 from kunlite.engine.scheduler import Scheduler, SchedulerOutput, child_params
 from kunlite.engine.sequence import Sequence, SeqStatus
+from kunlite.sampling_params import SamplingParams
 from kunlite.engine.work import (HostMoves, PageMoves, RemoteRows, RemoteServe, SampleRow, StageDone, StageWork, WorkSeq,
                                 pack_pages)
 
@@ -117,7 +118,9 @@ class Instance:
         self.microbatch = microbatch  # how a pipeline splits its work: balanced (by cost) or even
         self.step_cost = OnlineStepCost()
         self.bubbles = BubbleMeter(len(members))
-        self.page_tables = True  # False: StageWork carries no page table (the simulator has no device to read it)
+        # False (the simulator: no device reads them): StageWork carries no page table, and its
+        # sample rows are placeholders (only their number counts)
+        self.payload = True
         self.first_planned: float | None = None  # perf_counter of its first own step: plan and commit
         self.first_committed: float | None = None
         self._own_steps: set[int] = set()
@@ -239,7 +242,7 @@ class Instance:
         for i, m in enumerate(self.members):
             remote = self._remote_rows(step_id, m, sched, seqs)
             table, shape = pack_pages(self._page_table(m, sched, {r for rr in remote for r in rr.rows})) \
-                if self.page_tables else (b"", (0, 0, 0))
+                if self.payload else (b"", (0, 0, 0))
             src, dst = m.kv.page_copies([(s, d) for j, s, d in copies if j == i])
             swap_out, swap_in = take_moves(i) if take_moves else (HostMoves(), HostMoves())
             works.append(StageWork(
@@ -341,6 +344,10 @@ class Instance:
     def _sample_rows(self, sched: SchedulerOutput, sampled: list[Sequence]) -> list[SampleRow]:
         """One row per sampled sequence, then one per extra choice forked in this step (in the
         order `Scheduler.fork_children` will create them), sharing its parent's logits."""
+        if not self.payload:
+            forks = sum(p.pending_children for p, n in sched.scheduled
+                        if p.pending_children and p.num_computed_tokens + n >= p.num_prompt_tokens)
+            return [_PLACEHOLDER_ROW] * (len(sampled) + forks)
         index = {id(s): i for i, (s, _) in enumerate(sched.scheduled)}
         rows = [sample_row(index[id(s)], s.params, s) for s in sampled]
         for parent, n in sched.scheduled:
@@ -456,6 +463,9 @@ class Instance:
     def take_timings(self) -> list[StepTiming]:
         out, self.timings = self.timings, []
         return out
+
+
+_PLACEHOLDER_ROW = SampleRow(-1, SamplingParams(), 0)  # a row nobody samples (Instance.payload False)
 
 
 def output_of(seq: Sequence, tokens: list[int], logprobs: list[TokenLogprobs] | None = None) -> RequestOutput:

@@ -149,7 +149,7 @@ class SimCluster(Cluster):
 
     def make_instance(self, iid: int, members: list[Member]) -> Instance:
         inst = super().make_instance(iid, members)
-        inst.page_tables = False  # no device reads them here
+        inst.payload = False  # no device reads page tables or sample rows here
         return inst
 
     # ------------------------------------------------------------------ fast-forward

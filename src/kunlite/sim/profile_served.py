@@ -43,7 +43,8 @@ def calibration_waves(max_model_len: int, quick: bool = False) -> list[list[Any]
         prompt = min(prompt, max_model_len // 2)
         return BurstRequest(t, prompt, max(min(out, max_model_len - prompt - 8), 1), kind)  # (the client adds a few)
 
-    prompts, counts, longs, bursts = ((16, 64), (1, 4, 12), (2,), ((24, 24.0, 24), (48, 24.0, 24))) if quick else \
+    prompts, counts, longs, bursts = ((16, 64, 160), (1, 4, 12, 24), (2, 4),
+                                      tuple((p, 24.0, 24) for p in (24, 48, 100))) if quick else \
         ((16, 64, 160), (1, 2, 4, 8, 16, 24, 32, 48), (2, 4, 8),
          tuple((p, r, 48) for p in (24, 48, 100) for r in (6.0, 12.0, 24.0)))
     waves = [[req(0.0, p, 48) for _ in range(n)] for p in prompts for n in counts]
