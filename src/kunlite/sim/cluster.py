@@ -98,6 +98,15 @@ class _FastForward:
     computed: np.ndarray  # (B,) num_computed_tokens of its sequences at the start
     head: tuple[str | None, str | None]  # the heads of the swapped and the queue, which do not fit
     event: _Event | None = None  # its StageDone
+    _blocks: dict[int, int] = field(default_factory=dict)  # j -> blocks_at(j), as asked
+
+    def blocks_at(self, j: int, page_size: int) -> int:
+        """Blocks its sequences hold once j of its steps have begun (as the step-by-step run
+        allocates them); remembered, since the dispatcher and the policies ask at every event."""
+        got = self._blocks.get(j)
+        if got is None:
+            got = self._blocks[j] = int((-(-(self.computed + j) // page_size)).sum())
+        return got
 
     def last_seconds(self) -> float:
         """The last step's compute time: what its StageDone reports (the step-by-step run's
@@ -155,9 +164,15 @@ class SimCluster(Cluster):
     # ------------------------------------------------------------------ fast-forward
 
     def _plan_all(self, outputs: list[RequestOutput]) -> None:
-        if self.fast_forward and not self.quiescing and not (self.elastic is not None and self.elastic.groups) \
-                and not self._throttled():
+        if self.fast_forward and not self.quiescing and not (self.elastic is not None and self.elastic.groups):
+            throttled = None  # asked once, before the first flight is sized (and only if one may be)
             for inst in list(self.instances.values()):
+                if self.states.get(inst.id) != "serving" or not inst.decode_only(queued=True):
+                    continue
+                if throttled is None:
+                    throttled = self._throttled()
+                if throttled:
+                    break
                 ff = self._steps_ahead(inst)
                 if ff is None:
                     continue
@@ -271,6 +286,7 @@ class SimCluster(Cluster):
                 self.token_times[id(o)] = ff.ends[:done]  # their tokens came at their own steps' ends
             self.outputs_pending += outs
             ff.ends, ff.seconds, ff.computed = ff.ends[done:], ff.seconds[done:], ff.computed + done
+            ff._blocks = {}
         self._busy[ff.rank] = ff.ends[-1]
         ff.event = self._at(ff.ends[-1], ff.rank, msgspec.structs.replace(ff.event.msg, seconds=ff.last_seconds()))
 
@@ -286,8 +302,7 @@ class SimCluster(Cluster):
         for ff in self._ff.values():
             planned = 1 + bisect.bisect_right(ff.ends, now, 0, len(ff.ends) - 1)  # steps begun by now
             k = len(ff.ends)
-            ahead[ff.instance] = ahead.get(ff.instance, 0) + int((-(-(ff.computed + k) // ps)).sum()
-                                                                 - (-(-(ff.computed + planned) // ps)).sum())
+            ahead[ff.instance] = ahead.get(ff.instance, 0) + ff.blocks_at(k, ps) - ff.blocks_at(planned, ps)
         return [replace(x, used_blocks=x.used_blocks - ahead.get(x.id, 0)) for x in out]
 
     # ------------------------------------------------------------------ the workers, simulated
