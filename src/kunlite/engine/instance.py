@@ -118,8 +118,9 @@ class Instance:
         self.microbatch = microbatch  # how a pipeline splits its work: balanced (by cost) or even
         self.step_cost = OnlineStepCost()
         self.bubbles = BubbleMeter(len(members))
-        # False (the simulator: no device reads them): StageWork carries no page table, and its
-        # sample rows are placeholders (only their number counts)
+        # False (the simulator: no device reads them): StageWork carries no page table, its
+        # sample rows are placeholders (only their number counts), and its WorkSeqs are left
+        # out unless remote attention needs them (the batch is the flight's shape)
         self.payload = True
         self.first_planned: float | None = None  # perf_counter of its first own step: plan and commit
         self.first_committed: float | None = None
@@ -232,8 +233,10 @@ class Instance:
         step_id = next(self._step_ids)
         for seq, _ in sched.scheduled:
             seq.in_flight = True
+        # (the simulator needs them only for remote attention; it reads the batch off the flight)
         seqs = [WorkSeq(s.seq_id, s.num_computed_tokens, s.token_ids[s.num_computed_tokens:s.num_computed_tokens + n])
-                for s, n in sched.scheduled]
+                for s, n in sched.scheduled] \
+            if self.payload or any(s.seq_id in self.maybe_unplaced for s, _ in sched.scheduled) else []
         sampled = [s for s, n in sched.scheduled if s.num_computed_tokens + n == s.num_tokens]
         rows = self._sample_rows(sched, sampled)
         copies, self._copies = self._copies, []

@@ -181,7 +181,7 @@ class SimCluster(Cluster):
                     inst.kv.allocate(s.seq_id, s.num_computed_tokens + k)
                 self._ff_planned = ff
                 works = inst.plan(repeat=k)
-                assert works is not None and len(works[0].seqs) == len(ff.computed)  # decode_only's promise
+                assert works is not None and len(inst.flights[works[0].step_id].sched.scheduled) == len(ff.computed)
                 self.send(ff.rank, works[0])
         super()._plan_all(outputs)
 
@@ -339,7 +339,9 @@ class SimCluster(Cluster):
             self.ff_stats["queued"] += ff.head != (None, None)
             self.ff_stats["steps"] += len(ff.ends)
             return
-        batch = [(len(s.tokens), s.num_computed) for s in work.seqs]
+        # (new tokens, context) per sequence: the flight's shape when the work carries no WorkSeqs
+        batch = [(len(s.tokens), s.num_computed) for s in work.seqs] if work.seqs else \
+            self.instances[work.instance].flights[work.step_id].shape
         layers = next(m.layers for i in self.instances.values() for m in i.members if m.rank == rank)
         seconds = self.hw.cost.step_seconds(batch, layers)
         pb = self._page_bytes()
@@ -352,7 +354,7 @@ class SimCluster(Cluster):
             seconds += (layers[1] - layers[0]) * self.hw.link_seconds(per_layer)
         start = max(now, self._busy[rank])
         if not work.is_first:
-            hidden = work.num_tokens * self.config.model.hidden_size * self.config.device.torch_dtype.itemsize
+            hidden = sum(q for q, _ in batch) * self.config.model.hidden_size * self.config.device.torch_dtype.itemsize
             start = max(start, self._stage_end.pop((work.step_id, work.stage - 1), now) + self.hw.link_seconds(hidden))
         end = start + seconds
         self._busy[rank] = end
