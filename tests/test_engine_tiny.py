@@ -136,3 +136,29 @@ def test_bf16_is_as_close_to_fp32_as_hf_bf16(tiny_root: Path, variant: str, prod
             ours = max(ours, (row - ref[i]).abs().max().item())
             hf = max(hf, (ref_bf16[i] - ref[i]).abs().max().item())
     assert ours <= BF16_ERROR_RATIO * hf, (ours, hf)
+
+
+def test_recorded_batches_are_the_steps_that_ran(tiny_root: Path) -> None:
+    # --step-log's data: with record_batches, each StepTiming carries its batch, whose
+    # aggregates are the timing's own (prefill chunks, decodes, KV lengths after the step).
+    model_dir = make_tiny_model(tiny_root, "llama-gqa-tied")
+    core = EngineCore(EngineOptions(model=str(model_dir), device_memory="32MiB", page_size=4,
+                                    max_num_batched_tokens=24, dtype="float32").build())
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    core.step()
+    assert core.take_timings() == []
+    core.add_request(EngineRequest("a", list(range(3, 33)), params, time.time()))
+    core.step()
+    (plain,) = core.take_timings()
+    assert plain.batch is None and plain.ended > plain.started and plain.stages == 1
+    core.record_batches()
+    core.add_request(EngineRequest("b", list(range(3, 13)), params, time.time()))
+    while core.has_unfinished:
+        core.step()
+    timings = core.take_timings()
+    assert timings and all(t.batch for t in timings)
+    for t in timings:
+        assert t.num_prefill_tokens == sum(q for q, _ in t.batch if q > 1)
+        assert t.num_decode_tokens == sum(q for q, _ in t.batch if q == 1)
+        assert t.num_context_tokens == sum(q + c for q, c in t.batch)
+        assert t.seconds == pytest.approx(t.ended - t.started)
