@@ -303,7 +303,7 @@ class SimCluster(Cluster):
             planned = 1 + bisect.bisect_right(ff.ends, now, 0, len(ff.ends) - 1)  # steps begun by now
             k = len(ff.ends)
             ahead[ff.instance] = ahead.get(ff.instance, 0) + ff.blocks_at(k, ps) - ff.blocks_at(planned, ps)
-        return [replace(x, used_blocks=x.used_blocks - ahead.get(x.id, 0)) for x in out]
+        return [replace(x, used_blocks=x.used_blocks - ahead[x.id]) if ahead.get(x.id) else x for x in out]
 
     # ------------------------------------------------------------------ the workers, simulated
 
