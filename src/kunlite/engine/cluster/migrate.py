@@ -41,6 +41,7 @@ log = logging.getLogger("kunlite.cluster")
 FINAL_BLOCKS = 16  # pause and finish once at most this many blocks are left to copy
 MAX_STAGES = 3  # or after this many live stages
 RESERVE_FRACTION = 0.05  # an instance below this share of free blocks is short of KV
+ENDED_AT_SOURCE = "the request ended at the source"
 
 
 def short_of_kv(load: InstanceLoad) -> bool:
@@ -141,7 +142,7 @@ class Migrator:
             if mig.aborting is not None:
                 self._finish_abort(mig)
             elif mig.seq.is_finished or mig.seq not in mig.src.scheduler.running:
-                self.abort(mig, "the request ended at the source")
+                self.abort(mig, ENDED_AT_SOURCE)
             elif mig.final:
                 if mig.copied >= self._blocks(mig.seq, final=True):
                     self._commit(mig)
@@ -227,7 +228,8 @@ class Migrator:
     def abort(self, mig: Migration, why: str) -> None:
         """Give up; the reservation is freed once no copy into it can still land."""
         if mig.aborting is None:
-            log.warning("migration of %s aborted: %s", mig.seq.seq_id, why)
+            # A request that ends while it moves is the normal race, not a fault.
+            (log.info if why == ENDED_AT_SOURCE else log.warning)("migration of %s aborted: %s", mig.seq.seq_id, why)
             mig.aborting = why
         if not mig.pending:
             self._finish_abort(mig)
