@@ -145,3 +145,19 @@ def test_served_profile_through_a_two_worker_server(smollm2: Path, tmp_path: Pat
     assert all(w >= 0 for w in p["fit"]["weights"].values()) and p["fit"]["report"]["num_eval"] > 0
     cost, _ = load_profile(out)
     assert cost.step_seconds([(1, 100)] * 8, (0, 30)) > cost.step_seconds([(1, 100)], (0, 30)) > 0
+
+
+def test_decode_and_prefill_steps_weigh_the_same_in_all() -> None:
+    from kunlite.sim.profile_served import balanced_weights, frontend_latency, step_kind
+
+    batches = [[(1, 5)]] * 9 + [[(1, 5), (30, 0)]] * 3
+    w = balanced_weights(batches)
+    kinds = [step_kind(b) for b in batches]
+    assert kinds.count("decode") == 9 and kinds.count("prefill") == 3
+    assert sum(x for x, k in zip(w, kinds) if k == "decode") == pytest.approx(6.0)
+    assert sum(x for x, k in zip(w, kinds) if k == "prefill") == pytest.approx(6.0)
+    # A probe sent at 10.0 is planned at 10.03 and committed at 10.3; its first token at 10.31.
+    lines = [{"instance": 0, "stages": 1, "started": 10.03, "ended": 10.3, "batch": [[16, 0]]},
+             {"instance": 0, "stages": 1, "started": 10.3, "ended": 10.35, "batch": [[1, 16]]}]
+    got = frontend_latency([(10.0, 10.31)], lines)
+    assert got["probes"] == 1 and got["ingress_s"] == pytest.approx(0.03) and got["egress_s"] == pytest.approx(0.01)

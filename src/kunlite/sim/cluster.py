@@ -23,8 +23,8 @@ steps' costs, and the tokens commit together, with each step's end kept for the 
 the same run, step for step: k stops before any sequence would end and before the KV runs
 out; requests may wait (or be swapped out) if the head of their queue does not fit now, as it
 then fits at no later step of the flight; an arrival that changes that head cuts the flight at
-the end of the step in progress (its unused KV released), where the step-by-step run would try
-it; `loads()` shows the dispatcher each flight's KV as allocated step by step; and
+the end of the step in progress (its unused KV released, the steps done by then committed),
+where the step-by-step run would try it; `loads()` shows the dispatcher each flight's KV as allocated step by step; and
 every flight is cut the same way as soon as the overload policy may act (a replica throttled
 under `kunserve`, an instance short of KV or a migration going on under `migrate`), and none
 starts meanwhile, nor while a merged group exists (its calm watch samples the load at every

@@ -3,10 +3,12 @@
 `kunlite profile` times steps of an in-process engine on quiet cores. A server pays more per
 step: the coordinator plans, messages each worker and commits; the front end detokenizes and
 streams every token; the clients read them; all on the same cores as the workers. This mode
-measures that: it starts `kunlite serve` with the engine flags given and `--step-log`, drives
-a calibration load through the OpenAI API (waves of requests at once over a grid of prompt
-lengths and counts, long generations, and a gamma-arrival burst), stops the server, and fits
-the step cost model to the logged steps.
+measures that: it starts `kunlite serve` with the engine flags given and `--step-log`, times
+single requests on the idle server (the front end's ingress and egress latency, which the
+simulator adds to every request), drives a calibration load through the OpenAI API (waves of
+requests at once over a grid of prompt lengths and counts, long generations, and gamma-arrival
+bursts), stops the server, and fits the step cost model to the logged steps, decode steps and
+steps with a prompt weighted equally.
 
 A step's seconds here are what the simulator's clock needs between one commit and the next:
 from its commit back to its plan, or to the previous commit of the same instance if that came
