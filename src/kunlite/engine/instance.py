@@ -34,9 +34,9 @@ from kunlite.engine.microbatch import BubbleMeter, OnlineStepCost
 from kunlite.engine.preemption import PreemptionPolicy
 from kunlite.engine.scheduler import Scheduler, SchedulerOutput, child_params
 from kunlite.engine.sequence import Sequence, SeqStatus
-from kunlite.sampling_params import SamplingParams
 from kunlite.engine.work import (HostMoves, PageMoves, RemoteRows, RemoteServe, SampleRow, StageDone, StageWork, WorkSeq,
                                 pack_pages)
+from kunlite.sampling_params import SamplingParams
 
 
 def eos_token_ids(model_dir: str | Path) -> frozenset[int]:

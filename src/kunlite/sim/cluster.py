@@ -24,8 +24,8 @@ the same run, step for step: k stops before any sequence would end and before th
 out; requests may wait (or be swapped out) if the head of their queue does not fit now, as it
 then fits at no later step of the flight; an arrival that changes that head cuts the flight at
 the end of the step in progress (its unused KV released, the steps done by then committed),
-where the step-by-step run would try it; `loads()` shows the dispatcher each flight's KV as allocated step by step; and
-every flight is cut the same way as soon as the overload policy may act (a replica throttled
+where the step-by-step run would try it; `loads()` shows the dispatcher each flight's KV as
+allocated step by step; and every flight is cut the same way as soon as the overload policy may act (a replica throttled
 under `kunserve`, an instance short of KV or a migration going on under `migrate`), and none
 starts meanwhile, nor while a merged group exists (its calm watch samples the load at every
 event).
@@ -57,6 +57,7 @@ from kunlite.engine.model import param_groups
 from kunlite.engine.sizing import pool_sizing
 from kunlite.engine.step_cost import StepCost
 from kunlite.engine.instance import Instance, Member
+from kunlite.engine.sequence import Sequence
 from kunlite.engine.work import StageDone, StageWork
 
 log = logging.getLogger("kunlite.sim")
@@ -167,13 +168,14 @@ class SimCluster(Cluster):
         if self.fast_forward and not self.quiescing and not (self.elastic is not None and self.elastic.groups):
             throttled = None  # asked once, before the first flight is sized (and only if one may be)
             for inst in list(self.instances.values()):
-                if self.states.get(inst.id) != "serving" or not inst.decode_only(queued=True):
+                seqs = inst.decode_only(queued=True) if self.states.get(inst.id) == "serving" else None
+                if not seqs:
                     continue
                 if throttled is None:
                     throttled = self._throttled()
                 if throttled:
                     break
-                ff = self._steps_ahead(inst)
+                ff = self._steps_ahead(inst, seqs)
                 if ff is None:
                     continue
                 k = len(ff.ends)
@@ -185,13 +187,9 @@ class SimCluster(Cluster):
                 self.send(ff.rank, works[0])
         super()._plan_all(outputs)
 
-    def _steps_ahead(self, inst: Instance) -> _FastForward | None:
-        """A fast-forward of at least 2 steps for `inst`, or None."""
-        if self.states.get(inst.id) != "serving":
-            return None
-        seqs = inst.decode_only(queued=True)
-        if not seqs:
-            return None
+    def _steps_ahead(self, inst: Instance, seqs: list[Sequence]) -> _FastForward | None:
+        """A fast-forward of at least 2 steps for a serving replica `inst` whose next step is one
+        decode of each of `seqs` (its `decode_only(queued=True)`), or None."""
         kv = inst.members[0].kv
         if kv.enable_prefix_caching:
             return None

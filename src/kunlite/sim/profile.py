@@ -211,15 +211,13 @@ def main(argv: list[str] | None = None) -> int:
         from kunlite.engine.pull import resolve_model
         from kunlite.sim.profile_served import served_profile
 
-        own = {"--quick": 0, "--repeats": 1, "--out": 1, "--p2p": 0, "--served": 0, "--from-steps": 1, "--model": 1,
-               "--step-log": 1}
-        engine_argv, i = [], 0
-        while i < len(argv):
-            name = argv[i].split("=", 1)[0]
-            skip = own.get(name)
-            if skip is None:
-                engine_argv.append(argv[i])
-            i += 1 + (skip or 0) * ("=" not in argv[i])
+        # What is left once this command's own flags are taken is what `kunlite serve` gets.
+        own = argparse.ArgumentParser(add_help=False)
+        for flag in ("--quick", "--p2p", "--served"):
+            own.add_argument(flag, action="store_true")
+        for flag in ("--repeats", "--out", "--from-steps", "--model", "--step-log"):
+            own.add_argument(flag)
+        _, engine_argv = own.parse_known_args(argv)
         result = served_profile(engine_argv, str(resolve_model(args.model)), args.from_steps, args.quick,
                                 args.step_log)
     else:

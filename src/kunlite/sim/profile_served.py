@@ -185,11 +185,12 @@ def served_profile(engine_argv: list[str], model: str, from_steps: str | None = 
     log(report.format())
     log("weights: " + ", ".join(f"{k} {v:.4g}" for k, v in weights.to_dict().items()))
     cfg = json.loads((Path(model) / "config.json").read_text())
+    engine = _engine_options(engine_argv)
     return {
         "format": 1, "device": "cpu", "device_name": device_name("cpu"), "model": model,
         "model_name": Path(model).name, "num_layers": int(cfg["num_hidden_layers"]),
-        "dtype": _flag(engine_argv, "--dtype", "float32"), "threads": int(_flag(engine_argv, "--threads", "0")),
-        "page_size": int(_flag(engine_argv, "--page-size", "16")), "grid": "served-quick" if quick else "served",
+        "dtype": engine.dtype, "threads": engine.threads or 0, "page_size": engine.page_size,
+        "grid": "served-quick" if quick else "served",
         "served": {"engine_args": engine_argv, "steps": len(steps)}, "frontend": frontend,
         "samples": [s.to_json() for s in samples],
         "fit": {"features": list(FEATURES), "relative": True, "weights": weights.to_dict(),
@@ -198,10 +199,12 @@ def served_profile(engine_argv: list[str], model: str, from_steps: str | None = 
     }
 
 
-def _flag(argv: list[str], name: str, default: str) -> str:
-    for i, a in enumerate(argv):
-        if a == name and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith(name + "="):
-            return a.split("=", 1)[1]
-    return default
+def _engine_options(engine_argv: list[str]) -> Any:
+    """The EngineOptions the server was started with, parsed as `kunlite serve` parses them."""
+    import argparse
+
+    from kunlite.engine.args import add_engine_args, options_from_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    return options_from_args(parser.parse_args(engine_argv))
