@@ -69,6 +69,47 @@ def test_fast_forward_is_the_same_run(tiny: Path, policy: str, seed: int, n: int
         assert fast.fast_forward["queued"] > 0  # flights with a queue that does not fit
 
 
+# A static pipeline's windows (sim/pipeline_ff.py): its microbatch streams take several decode
+# steps each as one flight while the scheduler would plan the same microbatches; arrivals,
+# sequences that end, the KV that runs out (recompute preempts at 700 KiB) end them.
+@pytest.mark.parametrize("seed,devices,memory", [(0, 2, "700KiB"), (1, 4, "700KiB"), (2, 2, "4MiB"),
+                                                 (3, 4, "4MiB"), (4, 2, "700KiB")])
+def test_a_pipelines_fast_forward_is_the_same_run(tiny: Path, seed: int, devices: int, memory: str) -> None:
+    hw = SimHardware(LinearCost(), lambda n: 1e-4 + n / 1e9, lambda n: 1e-5 + n / 1e10, 1e12, parse_size(memory))
+    opts = replace(EngineOptions(model=str(tiny), devices=devices, dtype="float32", page_size=4, max_model_len=256,
+                                 max_num_batched_tokens=64, enable_prefix_caching=False), **POLICIES["pp2"])
+    reqs = trace(n=80, seed=seed)
+    step = simulate(opts, hw, reqs, policy="pp2", fast_forward=False)
+    fast = simulate(opts, hw, reqs, policy="pp2", fast_forward=True)
+    assert step.metrics["completed"] == len(reqs)
+    assert [(r.status, r.ttft, r.itl, r.e2e, r.output_tokens) for r in fast.records] == \
+        [(r.status, r.ttft, r.itl, r.e2e, r.output_tokens) for r in step.records]
+    assert fast.counters == step.counters
+    assert fast.fast_forward["steps"] > 3 * fast.fast_forward["flights"] > 0
+    if memory == "700KiB" and devices == 2:
+        assert step.counters["preemptions"] > 0
+
+
+def test_a_pipeline_window_on_the_analytic_cost(tiny: Path) -> None:
+    # The built-in profiles cost a flight's steps with decode_steps_seconds, in chunks: the
+    # same floats as the step-by-step run's batches. Qwen2.5-14B on 8 x A800, a minute of trace.
+    from kunlite.sim import cli
+
+    argv = ["--model", "qwen2.5-14b", "--device", "a800", "--devices", "8", "--synthetic", "--duration", "60",
+            "--rate", "6", "--max-num-seqs", "256", "--max-num-batched-tokens", "4096"]
+    args = cli._resolve(cli.build_parser().parse_args(argv))
+    opts = EngineOptions(model=cli.model_dir(args.model), devices=8, dtype=args.dtype, page_size=args.page_size,
+                         max_num_seqs=256, max_num_batched_tokens=4096, max_model_len=args.max_model_len,
+                         enable_prefix_caching=False)
+    hw = cli.hardware(args, opts.build().model)
+    reqs = cli.trace_of(args)
+    o = replace(opts, **POLICIES["pp2"])
+    step = simulate(o, hw, reqs, policy="pp2", fast_forward=False)
+    fast = simulate(o, hw, reqs, policy="pp2", fast_forward=True)
+    assert [(r.status, r.ttft, r.itl, r.e2e) for r in fast.records] == [(r.status, r.ttft, r.itl, r.e2e) for r in step.records]
+    assert fast.fast_forward["steps"] > 10_000
+
+
 def test_a_queue_that_does_not_fit_does_not_stop_a_flight(tiny: Path) -> None:
     # Long generations fill the pool; the queue behind them waits for one to end. The replicas
     # fast-forward meanwhile, and a newcomer at the tail of the queue does not cut them.

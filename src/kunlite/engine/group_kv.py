@@ -92,6 +92,10 @@ class GroupKV:
         for i in self._holding(seq_id):
             self.members[i].allocate(seq_id, num_tokens, self._hits(computed, i))
 
+    def shrink(self, seq_id: str, num_tokens: int) -> None:
+        for i in self._holding(seq_id):
+            self.members[i].shrink(seq_id, num_tokens)
+
     def free(self, seq_id: str) -> None:
         for m in self.members:
             if seq_id in m.tables:

@@ -18,7 +18,6 @@ the wall time during which the instance had a step in flight).
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,33 +32,73 @@ class OnlineStepCost:
     keep: int = 256  # the latest samples the fit uses
     refit_every: int = 16
     min_samples: int = 12
-    samples: deque[tuple[tuple[int, int, int, int], float]] = field(default_factory=deque)  # (features, seconds)
     weights: StepCostWeights | None = None
     _since_fit: int = 0
+    # The samples, a ring: the i-th oldest of the _count kept is row (_next - _count + i) % keep
+    _x: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]  # (keep, 4) step_features
+    _y: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]  # (keep,) seconds
+    _count: int = 0
+    _next: int = 0
+
+    def __post_init__(self) -> None:
+        if self._x is None:
+            self._x = np.zeros((self.keep, 4), dtype=np.float64)  # (keep, 4)
+            self._y = np.zeros(self.keep, dtype=np.float64)  # (keep,)
 
     def observe(self, batch: Batch, seconds: float) -> None:
-        if seconds <= 0 or not batch:
+        if batch:
+            self.observe_features(step_features(batch), seconds)
+
+    def observe_features(self, features: tuple[int, int, int, int], seconds: float,
+                         fitted: StepCostWeights | None = None) -> None:
+        """observe() a batch of these step_features. `fitted`: the weights a refit due now
+        gives (the simulator replays steps whose fit it has computed already)."""
+        if seconds <= 0:
             return
-        self.samples.append((step_features(batch), seconds))
-        while len(self.samples) > self.keep:
-            self.samples.popleft()
+        self._x[self._next] = features
+        self._y[self._next] = seconds
+        self._next = (self._next + 1) % self.keep
+        self._count = min(self._count + 1, self.keep)
         self._since_fit += 1
-        if len(self.samples) >= self.min_samples and (self.weights is None or self._since_fit >= self.refit_every):
-            x = np.array([f for f, _ in self.samples], dtype=np.float64)  # (n, 4) as feature_matrix's
-            self.weights = fit_feature_weights(x, [s for _, s in self.samples])
+        if self._count >= self.min_samples and (self.weights is None or self._since_fit >= self.refit_every):
+            if fitted is None:
+                if self._count < self.keep:
+                    x, y = self._x[:self._count], self._y[:self._count]  # (n, 4), (n,) oldest first
+                else:
+                    x = np.concatenate((self._x[self._next:], self._x[:self._next]))
+                    y = np.concatenate((self._y[self._next:], self._y[:self._next]))
+                fitted = fit_feature_weights(x, y)
+            self.weights = fitted
             self._since_fit = 0
 
+    @property
+    def num_samples(self) -> int:
+        return self._count
+
+    def copy(self) -> "OnlineStepCost":
+        return OnlineStepCost(self.keep, self.refit_every, self.min_samples, self.weights, self._since_fit,
+                              self._x.copy(), self._y.copy(), self._count, self._next)
+
     def share(self, batch: Batch, parts: int) -> float:
-        """The cost of one of `parts` microbatches that split `batch`: each pays the per-step
-        constant, and a part of the rest."""
+        """The cost of one of `parts` microbatches that split `batch`."""
+        return self.split(self.predict(batch), parts)
+
+    def split(self, cost: float, parts: int) -> float:
+        """The cost of one of `parts` microbatches that split work of this cost: each pays the
+        per-step constant, and a part of the rest."""
         fixed = self.weights.per_step if self.weights is not None else 0.0
-        return (self.predict(batch) - fixed) / parts + fixed
+        return (cost - fixed) / parts + fixed
 
     def predict(self, batch: Batch) -> float:
         """Seconds (or, before a fit, a token count) of one step of `batch`."""
+        t, a, b, _ = step_features(batch)
+        return self.predict_features(t, a, b)
+
+    def predict_features(self, t: int, a: int, b: int) -> float:
+        """predict() of a batch of t tokens, a attention pairs and b sequences."""
         if self.weights is None:
-            return float(sum(q for q, _ in batch) + len(batch))
-        return self.weights.predict(batch)
+            return float(t + b)  # a sequence's worth per step
+        return self.weights.predict_features(t, a, b)
 
 
 @dataclass

@@ -76,8 +76,12 @@ class StepCostWeights:
 
     def predict(self, batch: Batch) -> float:
         """Seconds for the whole model to run one step of the batch."""
-        t, a, b, one = step_features(batch)
-        return self.per_token * t + self.per_attention_pair * a + self.per_sequence * b + self.per_step * one
+        t, a, b, _ = step_features(batch)
+        return self.predict_features(t, a, b)
+
+    def predict_features(self, t: int, a: int, b: int) -> float:
+        """predict() of a batch of t tokens, a attention pairs and b sequences."""
+        return self.per_token * t + self.per_attention_pair * a + self.per_sequence * b + self.per_step * 1
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)

@@ -37,6 +37,7 @@ import bisect
 import heapq
 import itertools
 import logging
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -59,6 +60,7 @@ from kunlite.engine.step_cost import StepCost
 from kunlite.engine.instance import Instance, Member
 from kunlite.engine.sequence import Sequence
 from kunlite.engine.work import StageDone, StageWork
+from kunlite.sim.pipeline_ff import Stream, Window, plan_window
 
 log = logging.getLogger("kunlite.sim")
 
@@ -100,6 +102,24 @@ class _FastForward:
     head: tuple[str | None, str | None]  # the heads of the swapped and the queue, which do not fit
     event: _Event | None = None  # its StageDone
     _blocks: dict[int, int] = field(default_factory=dict)  # j -> blocks_at(j), as asked
+    # A pipeline's (pipeline_ff.py), per step: the slowest stage before the last, and the
+    # stages' seconds summed (for the cost fit and the bubble meter); its window and stream,
+    # and how many of the stream's window steps committed before ends[0]'s
+    slow_other: list[float] | None = None
+    stage_sum: list[float] | None = None
+    window: Window | None = None
+    stream: int = 0
+    j0: int = 0
+
+    def trim(self, lo: int, hi: int) -> None:
+        """Keep steps lo..hi-1 (the per-step lists)."""
+        self.ends, self.seconds = self.ends[lo:hi], self.seconds[lo:hi]
+        if self.slow_other is not None and self.stage_sum is not None:
+            self.slow_other, self.stage_sum = self.slow_other[lo:hi], self.stage_sum[lo:hi]
+        if lo:
+            self.computed = self.computed + lo
+            self.j0 += lo
+            self._blocks = {}
 
     def blocks_at(self, j: int, page_size: int) -> int:
         """Blocks its sequences hold once j of its steps have begun (as the step-by-step run
@@ -131,6 +151,9 @@ class SimCluster(Cluster):
         self._busy: dict[int, float] = {}  # device -> when it is free
         self._stage_end: dict[tuple[int, int], float] = {}  # (step, stage) -> when its activations are ready
         self._pairs: dict[int, tuple[int, list[int]]] = {}  # transfer id -> (rank, pages) of the side seen first
+        self.horizon = math.inf  # when the next request arrives (the simulation loop says): windows end there
+        self._windows: dict[int, Window] = {}  # instance -> its pipeline fast-forward (pipeline_ff.py)
+        self._step_info: dict[int, tuple[float, float]] = {}  # a pipeline's step -> (its last stage's end, slowest)
         self._setup(options, priority_order, "warning")
         cfg = self.config
         elem = cfg.device.torch_dtype.itemsize
@@ -168,6 +191,9 @@ class SimCluster(Cluster):
         if self.fast_forward and not self.quiescing and not (self.elastic is not None and self.elastic.groups):
             throttled = None  # asked once, before the first flight is sized (and only if one may be)
             for inst in list(self.instances.values()):
+                if inst.num_stages > 1:
+                    self._pipeline_flights(inst)
+                    continue
                 seqs = inst.decode_only(queued=True) if self.states.get(inst.id) == "serving" else None
                 if not seqs:
                     continue
@@ -253,8 +279,12 @@ class SimCluster(Cluster):
         out = super().add_request(req)
         for step_id, ff in list(self._ff.items()):
             inst = self.instances.get(ff.instance)
-            if inst is not None and _head(inst) != ff.head:
+            if inst is not None and ff.slow_other is None and _head(inst) != ff.head:
                 self._cut(step_id, ff, inst)  # the step-by-step run would try it next
+        for iid, win in list(self._windows.items()):
+            inst = self.instances.get(iid)
+            if inst is not None and _head(inst) != (None, None):
+                self._cut_window(win, inst)
         return out
 
     def _cut(self, step_id: int, ff: _FastForward, inst: Instance) -> None:
@@ -263,30 +293,146 @@ class SimCluster(Cluster):
         find the sequences as long as the step-by-step run has them)."""
         now = self.clock.now()
         keep = min(bisect.bisect_left(ff.ends, now) + 1, len(ff.ends))  # the steps done by now, and the one in progress
-        done = keep - 1
-        if not done and keep == len(ff.ends):
-            return
-        flight = inst.flights[step_id]
         if keep < len(ff.ends):
+            flight = inst.flights[step_id]
             self.ff_stats["cuts"] += 1
             self.ff_stats["steps"] -= len(ff.ends) - keep
-        flight.repeat = keep
-        kv = inst.members[0].kv
-        for seq, _ in flight.sched.scheduled:
-            kv.shrink(seq.seq_id, seq.num_computed_tokens + keep)
-        ff.ends = ff.ends[:keep]
+            flight.repeat = keep
+            for seq, _ in flight.sched.scheduled:
+                inst.kv.shrink(seq.seq_id, seq.num_computed_tokens + keep)
+            ff.trim(0, keep)
+            flight.shape = [(1, s.num_computed_tokens + keep - 1) for s, _ in flight.sched.scheduled]  # its last step's
+            if ff.slow_other is None:
+                self._busy[ff.rank] = ff.ends[-1]
+            assert ff.event is not None
+            ff.event.cancelled = True
+            ff.event = self._at(ff.ends[-1], ff.rank, msgspec.structs.replace(ff.event.msg, seconds=ff.last_seconds()))
+        self._commit_done(step_id, ff, inst, now)
+
+    def _commit_done(self, step_id: int, ff: _FastForward, inst: Instance, now: float) -> None:
+        """Commit the flight's steps that ended before `now` (not its last: its StageDone does)."""
+        done = bisect.bisect_left(ff.ends, now)
+        if not 0 < done < len(ff.ends):
+            return
         assert ff.event is not None
-        flight.shape = [(1, s.num_computed_tokens + keep - 1) for s, _ in flight.sched.scheduled]  # its last step's
-        ff.event.cancelled = True
-        if done:
-            outs = inst.commit(msgspec.structs.replace(ff.event.msg, seconds=ff.seconds[done - 1]), steps=done)
-            for o in outs:
-                self.token_times[id(o)] = ff.ends[:done]  # their tokens came at their own steps' ends
-            self.outputs_pending += outs
-            ff.ends, ff.seconds, ff.computed = ff.ends[done:], ff.seconds[done:], ff.computed + done
-            ff._blocks = {}
-        self._busy[ff.rank] = ff.ends[-1]
-        ff.event = self._at(ff.ends[-1], ff.rank, msgspec.structs.replace(ff.event.msg, seconds=ff.last_seconds()))
+        outs = inst.commit(msgspec.structs.replace(ff.event.msg, seconds=ff.seconds[done - 1]), steps=done)
+        for o in outs:
+            self.token_times[id(o)] = ff.ends[:done]  # their tokens came at their own steps' ends
+        self.outputs_pending += outs
+        if ff.stage_sum is not None:
+            inst.bubbles.busy += sum(ff.stage_sum[:done])
+        ff.trim(done, len(ff.ends))
+
+    # ------------------------------------------------------------------ a pipeline's fast-forward
+
+    def _pipeline_flights(self, inst: Instance) -> None:
+        """Plan the window steps of a stream whose step in flight just committed; or, if the
+        instance can plan and all its sequences decode, a new window (pipeline_ff.py)."""
+        win = self._windows.get(inst.id)
+        if win is not None:
+            for u in win.pending():
+                if win.streams[u].step_id not in inst.flights:
+                    self._fly(inst, win, u)
+        if self.elastic is not None or self.migrator is not None or inst.microbatch != "balanced" or \
+                self.states.get(inst.id) != "serving" or not inst.can_plan():
+            return
+        sched = inst.scheduler
+        if sched.waiting or sched.swapped or inst._copies or inst._aborting or inst.scratch is not None or \
+                inst.maybe_unplaced or inst.members[0].kv.enable_prefix_caching:
+            return
+        left = []
+        for s in sched.running:
+            p = s.params
+            if s.paused or s.num_uncomputed != 1 or s.pending_children or self._token in p.stop_token_ids or \
+                    (not p.ignore_eos and self._token in self.eos):
+                return
+            steps = inst.max_model_len - s.num_tokens
+            left.append(steps if p.max_tokens is None else min(steps, p.max_tokens - len(s.output_token_ids)))
+        pos = {s.seq_id: i for i, s in enumerate(sched.running)}
+        streams = []
+        for step_id, flight in inst.flights.items():
+            ff = self._ff.get(step_id)
+            if (ff is not None and len(ff.ends) > 1) or any(n != 1 or s.seq_id not in pos for s, n in flight.sched.scheduled):
+                return
+            if ff is not None:
+                assert ff.slow_other is not None
+                end, slowest = ff.ends[-1], max(ff.slow_other[-1], ff.seconds[-1])
+            else:
+                end, slowest, _ = self._step_info[step_id]
+            ids = [s.seq_id for s, _ in flight.sched.scheduled]
+            m, c = len(ids), sum(x for _, x in flight.shape)  # its (last) step's contexts
+            streams.append(Stream(ids, [pos[i] for i in ids], end, (m, c + m, m, 1), slowest, step_id))
+        cfg = self.config
+        new = plan_window(inst, self.clock.now(), streams, left, self._busy, self.hw.cost, self.hw.link_seconds,
+                          cfg.model.hidden_size * cfg.device.torch_dtype.itemsize, FAST_FORWARD_STEPS, self.horizon)
+        if new is None:
+            return
+        if win is not None:
+            assert not win.pending()
+            for step_id in win.flights.values():
+                if step_id in self._ff:
+                    self._ff[step_id].window = None
+        self._windows[inst.id] = new
+        self._busy.update(new.busy)
+        self._fly(inst, new, 0)
+
+    def _fly(self, inst: Instance, win: Window, u: int) -> None:
+        """Plan stream u's window steps as one flight, now."""
+        stream = win.streams[u]
+        steps = stream.steps[:win.final[u] + 1]
+        k = len(steps)
+        assert self.clock.now() == steps[0].time, (self.clock.now(), steps[0].time)
+        seqs = [inst.scheduler.running[i] for i in stream.positions]
+        for s in seqs:
+            inst.kv.allocate(s.seq_id, s.num_computed_tokens + k)
+        computed = np.array([s.num_computed_tokens for s in seqs], dtype=np.int64)  # (B,)
+        ff = _FastForward(inst.id, inst.members[-1].rank, steps[0].time, [st.ends[-1] for st in steps],
+                          [st.seconds[-1] for st in steps], computed, _head(inst),
+                          slow_other=[max(st.seconds[:-1]) for st in steps], stage_sum=[sum(st.seconds) for st in steps],
+                          window=win, stream=u)
+        self._ff_planned = ff
+        works = inst.plan(repeat=k)
+        assert works is not None and [s.seq_id for s, _ in inst.flights[works[0].step_id].sched.scheduled] == \
+            stream.seq_ids, "the scheduler planned another microbatch than the window's"
+        win.flights[u] = works[0].step_id
+        win.live += 1
+        for work in works:
+            self.send(inst.members[work.stage].rank, work)
+
+    def _flush(self, win: Window, inst: Instance, now: float) -> None:
+        """Replay the cost fit's observations of commits before `now`, but for each flight's
+        last step (its own commit observes it) and steps a cut left out."""
+        obs = win.observations
+        while win.applied < len(obs) and obs[win.applied].time < now:
+            o = obs[win.applied]
+            if 0 <= o.j < win.final[o.stream]:
+                inst.step_cost.observe_features(o.features, o.slowest, fitted=o.fitted)
+            win.applied += 1
+
+    def _cut_window(self, win: Window, inst: Instance) -> None:
+        """An arrival: every stream ends with its step in progress (its steps done by now
+        committed), a stream not yet planned plans as the step-by-step run does."""
+        now = self.clock.now()
+        dropped = False  # window steps planned from now on: none runs
+        for u in range(len(win.streams)):
+            step_id = win.flights.get(u)
+            ff = self._ff.get(step_id) if step_id is not None else None
+            if step_id is None:
+                dropped |= win.final[u] >= 0
+                win.final[u] = -1
+            if ff is None:
+                continue
+            self._cut(step_id, ff, inst)  # type: ignore[arg-type]
+            final = ff.j0 + len(ff.ends) - 1
+            dropped |= final < win.final[u]
+            win.final[u] = final
+            ff.window = None
+        if dropped:  # (then the window's last plan is still to come: no plan since was the step-by-step one's)
+            for s, m in enumerate(inst.members):  # the devices' last stages that still run
+                self._busy[m.rank] = max(st.ends[s] for u, stream in enumerate(win.streams)
+                                         for st in stream.steps[:win.final[u] + 1])
+        self._flush(win, inst, now)
+        del self._windows[inst.id]
 
     def loads(self) -> list[InstanceLoad]:
         """As the coordinator's, with a fast-forward's KV counted as the step-by-step run
@@ -326,10 +472,14 @@ class SimCluster(Cluster):
         return True  # remote attention: its traffic is costed in the requester's step
 
     def _stage(self, rank: int, work: StageWork, now: float) -> None:
-        ff, self._ff_planned = self._ff_planned, None
+        ff = self._ff_planned
         if ff is not None:  # k decode steps: their ends were costed when it was planned
+            if not work.is_last:
+                return  # a pipeline's stage: its window timed it, and set the devices' busy
+            self._ff_planned = None
             end = ff.ends[-1]
-            self._busy[rank] = end
+            if ff.slow_other is None:
+                self._busy[rank] = end
             ff.event = self._at(end, rank, StageDone(work.step_id, work.instance, rank, ff.last_seconds(),
                                                      [self._token] * len(work.samples)))
             self._ff[work.step_id] = ff
@@ -356,7 +506,10 @@ class SimCluster(Cluster):
             start = max(start, self._stage_end.pop((work.step_id, work.stage - 1), now) + self.hw.link_seconds(hidden))
         end = start + seconds
         self._busy[rank] = end
-        self._stage_end[(work.step_id, work.stage)] = end
+        if work.num_stages > 1:  # (its end, its slowest stage so far, the rank it ends on)
+            self._step_info[work.step_id] = (end, max(seconds, self._step_info.get(work.step_id, (0, 0.0, 0))[1]), rank)
+        if not work.is_last:
+            self._stage_end[(work.step_id, work.stage)] = end
         tokens = [self._token] * len(work.samples) if work.is_last else []
         self._at(end, rank, StageDone(work.step_id, work.instance, rank, seconds, tokens))
 
@@ -401,9 +554,26 @@ class SimCluster(Cluster):
             ev = heapq.heappop(self._queue)
             if ev.cancelled:
                 continue
-            ff = self._ff.pop(ev.msg.step_id, None) if isinstance(ev.msg, StageDone) else None
+            msg = ev.msg
+            ff = self._ff.pop(msg.step_id, None) if isinstance(msg, StageDone) else None
+            if isinstance(msg, StageDone) and self._step_info.get(msg.step_id, (0, 0, -1))[2] == ev.rank:
+                del self._step_info[msg.step_id]  # a pipeline's step commits
+            inst = self.instances.get(msg.instance) if isinstance(msg, StageDone) else None
+            win = self._windows.get(inst.id) if inst is not None and inst.commits(msg) else None
+            if win is not None:  # another stream's steps done by now commit first, and the fit sees them
+                for step_id in win.flights.values():
+                    if step_id != msg.step_id and step_id in self._ff:
+                        self._commit_done(step_id, self._ff[step_id], inst, now)  # type: ignore[arg-type]
+                self._flush(win, inst, now)  # type: ignore[arg-type]
+            if ff is not None and ff.slow_other is not None and ff.stage_sum is not None and inst is not None:
+                inst.flights[msg.step_id].slowest = ff.slow_other[-1]  # its commit observes its last step
+                inst.bubbles.busy += sum(ff.stage_sum) - ff.seconds[-1]  # (the StageDone's seconds count there)
+                if ff.window is not None:
+                    ff.window.live -= 1
+                    if not ff.window.live and not ff.window.pending() and self._windows.get(inst.id) is ff.window:
+                        del self._windows[inst.id]  # its last flight: every observation is in
             n = len(outputs)
-            self._handle(self.workers[ev.rank], ev.msg, outputs)
+            self._handle(self.workers[ev.rank], msg, outputs)
             if ff is not None:  # (its flight may be a merged group's now, which commits it the same)
                 for o in outputs[n:]:
                     self.token_times[id(o)] = ff.ends

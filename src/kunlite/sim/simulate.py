@@ -14,6 +14,7 @@ parameter and KV bytes, and the cluster's events, are kept for the plots.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -88,6 +89,7 @@ def simulate(options: EngineOptions, hardware: SimHardware, trace: list[TraceReq
             if c.add_request(EngineRequest(str(i), ids, params, r.arrival + ingress)):
                 records[i].status = FAILED  # no instance serves
             i += 1
+        c.horizon = reqs[i].arrival + ingress if i < len(reqs) else math.inf
         for o in c.step(0.0):
             k = int(o.request_id)
             if o.new_token_ids:

@@ -1,0 +1,196 @@
+"""Fast-forward of a static pipeline's decode steps (the simulator only): a window of streams.
+
+A pipeline instance of K stages keeps K microbatches in flight. Each is a *stream*: when its
+step commits, the instance plans its next one, and the `balanced` microbatching takes the
+oldest running sequences not in flight while their predicted cost fits a K-th of the round's
+(`Instance.plan`, `Scheduler.schedule(cost=, cost_limit=)`). While nothing arrives and no
+sequence ends, a stream usually takes the same sequences again, step after step; its next
+steps can then be one flight of several decode steps, as a replica's (`SimCluster._steps_ahead`),
+provided every plan among them is the one the scheduler would make at its time.
+
+`plan_window` checks that by running the streams ahead on plain numbers, commit by commit in
+time order: each commit feeds a copy of the instance's online cost fit (as `Instance.commit`
+does), each plan's choice is predicted from the contexts, the sequences in flight and the fit
+as they then are (`microbatch_choice`, the scheduler's rule for a round of decodes), its KV
+counted, and its stages timed as `SimCluster._stage` times them (a device runs its stages in
+the order they were planned; a stage after the first waits for the previous one's activations
+over the link). The window ends at the first commit after which the plan would differ, a
+sequence would end, the KV would run out, a stream has FAST_FORWARD_STEPS steps, or at the
+next arrival. Each
+stream's window steps become one flight, planned (and checked against the real scheduler) when
+the stream's step in flight commits; the observations of the cost fit are replayed in commit
+order with the weights found here (`OnlineStepCost.observe_features(fitted=)`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kunlite.engine.instance import Instance
+from kunlite.engine.microbatch import OnlineStepCost
+from kunlite.engine.step_cost import StepCostWeights
+
+
+@dataclass
+class Step:
+    time: float  # when it is planned (its stream's previous step commits then)
+    ends: list[float]  # when each stage ends; the last: its commit
+    seconds: list[float]  # each stage's compute time
+
+
+@dataclass
+class Stream:
+    seq_ids: list[str]  # its sequences, in running order
+    positions: list[int]  # their places in the scheduler's running list
+    commit: float  # when its step in flight commits
+    features: tuple[int, int, int, int]  # that step's step_features (what the commit observes)
+    slowest: float  # that step's slowest stage
+    step_id: int | None  # its step in flight at the window's start (None: the stream planning then)
+    steps: list[Step] = field(default_factory=list)  # its window steps
+    seconds: list[list[float]] | None = None  # [stage][j]: the compute time of its j-th window step
+    hidden_seconds: float = 0.0  # its activations over the link between two stages
+
+
+@dataclass
+class Observation:
+    time: float  # the commit
+    features: tuple[int, int, int, int]
+    slowest: float
+    fitted: StepCostWeights | None  # the fit's weights after it
+    stream: int
+    j: int  # the step's index among its stream's window steps; -1: the step in flight at the start
+
+
+@dataclass
+class Window:
+    instance: int
+    streams: list[Stream]  # [0]: the stream planning at the start
+    observations: list[Observation]  # in commit order
+    busy: dict[int, float]  # rank -> when its last window stage ends
+    final: list[int]  # per stream: the index of its last window step that runs (-1: none)
+    flights: dict[int, int] = field(default_factory=dict)  # stream -> step id of its flight, once planned
+    applied: int = 0  # observations replayed (or left to a commit) so far
+    live: int = 0  # flights planned and not yet committed to their end
+
+    def pending(self) -> list[int]:
+        """The streams whose window steps are still to be planned (when their step in flight commits)."""
+        return [u for u, s in enumerate(self.streams) if self.final[u] >= 0 and u not in self.flights]
+
+
+def microbatch_choice(ctx: list[int], ctx_sum: int, in_flight: list[bool], fit: OnlineStepCost, stages: int,
+                      seats: int, budget: int) -> list[int]:
+    """The running positions `Scheduler.schedule(cost=fit.predict, cost_limit=...)` takes for a
+    pipeline's microbatch when every running sequence decodes (one new token each, contexts
+    `ctx`) and nothing waits: the oldest not in flight, while the cost spent so far plus the next
+    one's share stays within a `stages`-th of the round's (the first always), within the seats and
+    the token budget. The same floats as the scheduler's, in the same order."""
+    n = len(ctx)
+    base = fit.predict_features(0, 0, 0)
+    limit = fit.split(fit.predict_features(n, ctx_sum + n, n), stages)  # Instance._round: every decode
+    out: list[int] = []
+    spent = base
+    for i in range(n):
+        if budget <= 0 or len(out) >= seats:
+            break
+        if in_flight[i]:
+            continue
+        share = fit.predict_features(1, ctx[i] + 1, 1) - base
+        if out and not spent + share <= limit:
+            break
+        out.append(i)
+        spent += share
+        budget -= 1
+    return out
+
+
+def plan_window(inst: Instance, now: float, in_flight: list[Stream], left: list[int], busy: dict[int, float],
+                cost: Any, link_seconds: Any, token_bytes: int, max_steps: int, horizon: float) -> Window | None:
+    """The window of a pipeline instance that plans a microbatch now, with `in_flight` its
+    streams in flight (each at its last step); `left[i]`: commits until running sequence i ends.
+    Nothing is planned from `horizon` on (the next arrival, which may cut the window). None if
+    the planning stream would not get two steps or the window fewer than 2K."""
+    sched, cfg = inst.scheduler, inst.config
+    K = inst.num_stages
+    running = sched.running
+    n = len(running)
+    kv = inst.members[0].kv
+    ps = kv.page_size
+    ctx = [s.num_computed_tokens for s in running]
+    held = [len(kv.tables[s.seq_id]) for s in running]  # blocks, alike on every member
+    free = inst.kv.num_free_blocks
+    busy_seq = [False] * n
+    for u in in_flight:
+        for i in u.positions:
+            busy_seq[i] = True
+    fit = inst.step_cost.copy()
+    seats, budget = cfg.max_num_seqs, cfg.max_num_batched_tokens
+    ctx_sum = sum(ctx)
+    first = microbatch_choice(ctx, ctx_sum, busy_seq, fit, K, seats, budget)
+    if not first or (len(in_flight) + 1 < K and n - sum(busy_seq) > len(first)):
+        return None  # nothing to plan, or another microbatch would be planned at once
+    streams = [Stream([running[i].seq_id for i in first], first, 0.0, (0, 0, 0, 1), 0.0, None)] + in_flight
+    ranks = [m.rank for m in inst.members]
+    layers = [m.layers for m in inst.members]
+    busy = {r: busy[r] for r in ranks}
+    fast = getattr(cost, "decode_steps_seconds", None)
+    used = 0
+
+    def plan(u: Stream, t: float) -> bool:
+        nonlocal used
+        j = len(u.steps)
+        if j >= max_steps:
+            return False
+        add = 0
+        for i in u.positions:
+            add += max(-(-(ctx[i] + 1) // ps) - held[i], 0)
+        if used + add > free:
+            return False  # the step-by-step run would preempt here
+        used += add
+        for i in u.positions:
+            held[i] = max(held[i], -(-(ctx[i] + 1) // ps))
+        m = len(u.positions)
+        c = sum(ctx[i] for i in u.positions)  # its contexts now: c0 + m * j
+        if j == 0:
+            u.hidden_seconds = link_seconds(m * token_bytes)
+        if fast is not None:
+            if u.seconds is None or j >= len(u.seconds[0]):  # the next steps' costs, a few at a time
+                more = [fast(m, c, 2 ** min(j.bit_length() + 3, 8), lay).tolist() for lay in layers]
+                u.seconds = more if u.seconds is None else [a + b for a, b in zip(u.seconds, more)]
+            secs = [u.seconds[s][j] for s in range(K)]
+        else:
+            secs = [cost.step_seconds([(1, ctx[i]) for i in u.positions], lay) for lay in layers]
+        ends, prev = [], 0.0
+        for s, r in enumerate(ranks):  # as SimCluster._stage times each stage's work
+            start = max(t, busy[r])
+            if s:
+                start = max(start, prev + u.hidden_seconds)
+            prev = start + secs[s]
+            busy[r] = prev
+            ends.append(prev)
+        u.steps.append(Step(t, ends, secs))
+        u.commit, u.features, u.slowest = prev, (m, c + m, m, 1), max(secs)
+        for i in u.positions:
+            busy_seq[i] = True
+        return True
+
+    plan(streams[0], now)
+    observations: list[Observation] = []
+    while True:
+        ui = min(range(len(streams)), key=lambda k: streams[k].commit)
+        u = streams[ui]
+        t = u.commit
+        for i in u.positions:
+            ctx[i] += 1
+            left[i] -= 1
+            busy_seq[i] = False
+        ctx_sum += len(u.positions)
+        fit.observe_features(u.features, u.slowest)
+        observations.append(Observation(t, u.features, u.slowest, fit.weights, ui, len(u.steps) - 1))
+        if any(left[i] <= 0 for i in u.positions) or t >= horizon:
+            break  # one of its sequences ends (the next plan takes others), or a request may come
+        if microbatch_choice(ctx, ctx_sum, busy_seq, fit, K, seats, budget) != u.positions or not plan(u, t):
+            break
+    if len(streams[0].steps) < 2 or sum(len(u.steps) for u in streams) < 2 * K:
+        return None
+    return Window(inst.id, streams, observations, busy, [len(u.steps) - 1 for u in streams])
