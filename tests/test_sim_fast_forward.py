@@ -159,3 +159,5 @@ def test_decode_steps_cost_the_same_floats_as_their_batches(which: str) -> None:
             want = [cost.step_seconds([(1, int(c) + j) for c in ctx], layers) for j in range(k)]
             got = cost.decode_steps_seconds(n, int(ctx.sum()), k, layers).tolist()
             assert got == want  # bit for bit: the fast-forward's clock must be the step-by-step one
+            one = [cost.decode_step_seconds(n, int(ctx.sum()) + n * j, layers) for j in range(k)]
+            assert one == want  # (a pipeline's window costs its steps one at a time)

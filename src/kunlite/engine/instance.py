@@ -184,7 +184,11 @@ class Instance:
     # ------------------------------------------------------------------ plan
 
     def can_plan(self) -> bool:
-        return len(self.flights) < self.max_in_flight and self.scheduler.has_unfinished
+        """A step could be planned now: a slot is free, and a sequence waits, is swapped out or
+        runs outside every step in flight (else plan() would find nothing)."""
+        sched = self.scheduler
+        return len(self.flights) < self.max_in_flight and \
+            bool(sched.waiting or sched.swapped or any(not s.in_flight for s in sched.running))
 
     def decode_only(self, queued: bool = False) -> list[Sequence] | None:
         """The running sequences, if the next step would be exactly one decode of each of them

@@ -120,6 +120,11 @@ class FittedStepCost:
         a = context_sum + n * np.arange(steps, dtype=np.int64) + n  # (steps,) attention pairs
         return self._seconds(n, a, n, layers)  # type: ignore[arg-type]
 
+    def decode_step_seconds(self, num_seqs: int, context_sum: int, layers: tuple[int, int]) -> float:
+        """step_seconds of num_seqs decodes (q = 1) whose contexts sum to context_sum, without
+        the batch; the same float."""
+        return self._seconds(num_seqs, context_sum + num_seqs, num_seqs, layers)
+
     def _seconds(self, t: int, a: int, b: int, layers: tuple[int, int]) -> float:
         l0, l1 = layers
         w = self.weights

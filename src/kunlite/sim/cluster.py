@@ -151,6 +151,7 @@ class SimCluster(Cluster):
         self._busy: dict[int, float] = {}  # device -> when it is free
         self._stage_end: dict[tuple[int, int], float] = {}  # (step, stage) -> when its activations are ready
         self._pairs: dict[int, tuple[int, list[int]]] = {}  # transfer id -> (rank, pages) of the side seen first
+        self._changed = True  # a request, an event or a cut since the last _plan_all
         self.horizon = math.inf  # when the next request arrives (the simulation loop says): windows end there
         self._windows: dict[int, Window] = {}  # instance -> its pipeline fast-forward (pipeline_ff.py)
         self._step_info: dict[int, tuple[float, float]] = {}  # a pipeline's step -> (its last stage's end, slowest)
@@ -188,6 +189,9 @@ class SimCluster(Cluster):
     # ------------------------------------------------------------------ fast-forward
 
     def _plan_all(self, outputs: list[RequestOutput]) -> None:
+        if not self._changed and self.elastic is None and self.migrator is None:
+            return  # every instance planned what it could at the last pass, and nothing happened since
+        self._changed = False
         if self.fast_forward and not self.quiescing and not (self.elastic is not None and self.elastic.groups):
             throttled = None  # asked once, before the first flight is sized (and only if one may be)
             for inst in list(self.instances.values()):
@@ -277,6 +281,7 @@ class SimCluster(Cluster):
 
     def add_request(self, req: Any) -> list[RequestOutput]:
         out = super().add_request(req)
+        self._changed = True
         for step_id, ff in list(self._ff.items()):
             inst = self.instances.get(ff.instance)
             if inst is not None and ff.slow_other is None and _head(inst) != ff.head:
@@ -292,6 +297,7 @@ class SimCluster(Cluster):
         the steps done by now (the policy may act before the step in progress ends, and must
         find the sequences as long as the step-by-step run has them)."""
         now = self.clock.now()
+        self._changed = True
         keep = min(bisect.bisect_left(ff.ends, now) + 1, len(ff.ends))  # the steps done by now, and the one in progress
         if keep < len(ff.ends):
             flight = inst.flights[step_id]
@@ -314,6 +320,7 @@ class SimCluster(Cluster):
         done = bisect.bisect_left(ff.ends, now)
         if not 0 < done < len(ff.ends):
             return
+        self._changed = True
         assert ff.event is not None
         outs = inst.commit(msgspec.structs.replace(ff.event.msg, seconds=ff.seconds[done - 1]), steps=done)
         for o in outs:
@@ -340,14 +347,6 @@ class SimCluster(Cluster):
         if sched.waiting or sched.swapped or inst._copies or inst._aborting or inst.scratch is not None or \
                 inst.maybe_unplaced or inst.members[0].kv.enable_prefix_caching:
             return
-        left = []
-        for s in sched.running:
-            p = s.params
-            if s.paused or s.num_uncomputed != 1 or s.pending_children or self._token in p.stop_token_ids or \
-                    (not p.ignore_eos and self._token in self.eos):
-                return
-            steps = inst.max_model_len - s.num_tokens
-            left.append(steps if p.max_tokens is None else min(steps, p.max_tokens - len(s.output_token_ids)))
         pos = {s.seq_id: i for i, s in enumerate(sched.running)}
         streams = []
         for step_id, flight in inst.flights.items():
@@ -362,6 +361,14 @@ class SimCluster(Cluster):
             ids = [s.seq_id for s, _ in flight.sched.scheduled]
             m, c = len(ids), sum(x for _, x in flight.shape)  # its (last) step's contexts
             streams.append(Stream(ids, [pos[i] for i in ids], end, (m, c + m, m, 1), slowest, step_id))
+        left = []
+        for s in sched.running:
+            p = s.params
+            if s.paused or s.num_uncomputed != 1 or s.pending_children or self._token in p.stop_token_ids or \
+                    (not p.ignore_eos and self._token in self.eos):
+                return
+            steps = inst.max_model_len - s.num_tokens
+            left.append(steps if p.max_tokens is None else min(steps, p.max_tokens - len(s.output_token_ids)))
         cfg = self.config
         new = plan_window(inst, self.clock.now(), streams, left, self._busy, self.hw.cost, self.hw.link_seconds,
                           cfg.model.hidden_size * cfg.device.torch_dtype.itemsize, FAST_FORWARD_STEPS, self.horizon)
@@ -555,6 +562,7 @@ class SimCluster(Cluster):
             if ev.cancelled:
                 continue
             msg = ev.msg
+            self._changed = True
             ff = self._ff.pop(msg.step_id, None) if isinstance(msg, StageDone) else None
             if isinstance(msg, StageDone) and self._step_info.get(msg.step_id, (0, 0, -1))[2] == ev.rank:
                 del self._step_info[msg.step_id]  # a pipeline's step commits

@@ -193,6 +193,12 @@ class AnalyticStepCost:
 
         return sec(w.linear) + sec(w.attention) + sec(w.ends) + d.step_overhead_s
 
+    def decode_step_seconds(self, num_seqs: int, context_sum: int, layers: tuple[int, int]) -> float:
+        """step_seconds of num_seqs decodes (q = 1) whose contexts sum to context_sum, without
+        the batch; the same float."""
+        n = num_seqs
+        return self._seconds(self._work(n, context_sum + n, n, context_sum + n, layers))
+
     def _seconds(self, w: StepWork) -> float:
         d = self.device
         return w.linear.seconds(d) + w.attention.seconds(d) + w.ends.seconds(d) + d.step_overhead_s

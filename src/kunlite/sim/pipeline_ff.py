@@ -48,7 +48,6 @@ class Stream:
     slowest: float  # that step's slowest stage
     step_id: int | None  # its step in flight at the window's start (None: the stream planning then)
     steps: list[Step] = field(default_factory=list)  # its window steps
-    seconds: list[list[float]] | None = None  # [stage][j]: the compute time of its j-th window step
     hidden_seconds: float = 0.0  # its activations over the link between two stages
 
 
@@ -133,7 +132,7 @@ def plan_window(inst: Instance, now: float, in_flight: list[Stream], left: list[
     ranks = [m.rank for m in inst.members]
     layers = [m.layers for m in inst.members]
     busy = {r: busy[r] for r in ranks}
-    fast = getattr(cost, "decode_steps_seconds", None)
+    one = getattr(cost, "decode_step_seconds", None)  # the same floats as step_seconds, without the batch
     used = 0
 
     def plan(u: Stream, t: float) -> bool:
@@ -153,11 +152,8 @@ def plan_window(inst: Instance, now: float, in_flight: list[Stream], left: list[
         c = sum(ctx[i] for i in u.positions)  # its contexts now: c0 + m * j
         if j == 0:
             u.hidden_seconds = link_seconds(m * token_bytes)
-        if fast is not None:
-            if u.seconds is None or j >= len(u.seconds[0]):  # the next steps' costs, a few at a time
-                more = [fast(m, c, 2 ** min(j.bit_length() + 3, 8), lay).tolist() for lay in layers]
-                u.seconds = more if u.seconds is None else [a + b for a, b in zip(u.seconds, more)]
-            secs = [u.seconds[s][j] for s in range(K)]
+        if one is not None:
+            secs = [one(m, c, lay) for lay in layers]
         else:
             secs = [cost.step_seconds([(1, ctx[i]) for i in u.positions], lay) for lay in layers]
         ends, prev = [], 0.0
