@@ -277,7 +277,8 @@ class FastForward:
         win = self._windows.get(inst.id)
         if win is not None:
             for u in win.pending():
-                if win.streams[u].step_id not in inst.flights:
+                after = win.after(u)
+                if after is not None and after not in inst.flights:
                     self._fly(inst, win, u)
         if self.elastic is not None or self.migrator is not None or inst.microbatch != "balanced" or \
                 self.states.get(inst.id) != "serving" or not inst.can_plan():
@@ -398,13 +399,15 @@ class FastForward:
     def _delivering(self, msg: Any, rank: int, now: float) -> Flight | None:
         """An event is about to be handled: its flight, if it ends one; for a pipeline in a
         window, the other streams' steps done by now commit first, and the fit sees them."""
-        self._changed = True
         if not isinstance(msg, StageDone):
+            self._changed = True
             return None
         ff = self._ff.pop(msg.step_id, None)
         if self._step_info.get(msg.step_id, (0.0, 0.0, -1))[2] == rank:
             del self._step_info[msg.step_id]  # a pipeline's step commits
         inst = self.instances.get(msg.instance)
+        if inst is None or msg.step_id not in inst.flights or inst.commits(msg):
+            self._changed = True  # (a stage before the last only times its step: nothing new to plan)
         if inst is None:
             return ff
         win = self._windows.get(inst.id) if inst.commits(msg) else None

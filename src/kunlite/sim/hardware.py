@@ -156,6 +156,12 @@ class AnalyticStepCost:
 
     def _work(self, t: int, a: int, b: int, kv_tokens: int, layers: tuple[int, int]) -> StepWork:
         """The work of a batch of t tokens, a attention pairs, b sequences, kv_tokens KV read."""
+        f = self._terms(t, a, b, kv_tokens, layers)
+        return StepWork(Work(f[0], f[1]), Work(f[2], f[3]), Work(f[4], f[5]))
+
+    def _terms(self, t: Any, a: Any, b: int, kv_tokens: Any, layers: tuple[int, int]) -> tuple[Any, ...]:
+        """(FLOPs, bytes) of the linear layers, the attention and the ends, flattened (numbers,
+        or arrays for decode_steps_seconds): `_work` without the dataclasses."""
         cfg, e = self.model, self.elem_bytes
         l0, l1 = layers
         if not 0 <= l0 < l1 <= cfg.num_layers:
@@ -163,20 +169,19 @@ class AnalyticStepCost:
         n = l1 - l0
         h, inter = cfg.hidden_size, cfg.intermediate_size
         act = 4 * h + cfg.qkv_size + cfg.q_size + 3 * inter
-        linear = Work(flops=n * 2.0 * self._layer_params * t,
-                      bytes=n * (self._layer_params + t * act) * e)
-        attention = Work(flops=n * 4.0 * a * cfg.head_dim * cfg.num_heads,
-                         bytes=n * kv_tokens * 2.0 * cfg.kv_size * e)
         ends_flops = ends_bytes = 0.0
         if l0 == 0:
             ends_bytes += t * h * e
         if l1 == cfg.num_layers:
             ends_flops += 2.0 * cfg.vocab_size * h * b
             ends_bytes += cfg.vocab_size * h * e + b * (h * e + cfg.vocab_size * 4)
-        return StepWork(linear, attention, Work(ends_flops, ends_bytes))
+        return (n * 2.0 * self._layer_params * t, n * (self._layer_params + t * act) * e,
+                n * 4.0 * a * cfg.head_dim * cfg.num_heads, n * kv_tokens * 2.0 * cfg.kv_size * e,
+                ends_flops, ends_bytes)
 
     def step_seconds(self, batch: Batch, layers: tuple[int, int]) -> float:
-        return self._seconds(self.work(batch, layers))
+        t, a, b, _ = step_features(batch)
+        return self._seconds(self._terms(t, a, b, sum(q + c for q, c in batch), layers))
 
     def decode_steps_seconds(self, num_seqs: int, context_sum: int, steps: int,
                              layers: tuple[int, int]) -> np.ndarray:
@@ -197,8 +202,12 @@ class AnalyticStepCost:
         """step_seconds of num_seqs decodes (q = 1) whose contexts sum to context_sum, without
         the batch; the same float."""
         n = num_seqs
-        return self._seconds(self._work(n, context_sum + n, n, context_sum + n, layers))
+        return self._seconds(self._terms(n, context_sum + n, n, context_sum + n, layers))
 
-    def _seconds(self, w: StepWork) -> float:
+    def _seconds(self, terms: tuple[float, ...]) -> float:
+        """Each class's Work.seconds, added up, plus the step overhead."""
+        lf, lb, af, ab, ef, eb = terms
         d = self.device
-        return w.linear.seconds(d) + w.attention.seconds(d) + w.ends.seconds(d) + d.step_overhead_s
+        flops, bandwidth = d.flops, d.bandwidth
+        return max(lf / flops, lb / bandwidth) + max(af / flops, ab / bandwidth) + max(ef / flops, eb / bandwidth) + \
+            d.step_overhead_s

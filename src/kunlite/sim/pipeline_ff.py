@@ -1,12 +1,13 @@
 """Fast-forward of a static pipeline's decode steps (the simulator only): a window of streams.
 
-A pipeline instance of K stages keeps K microbatches in flight. Each is a *stream*: when its
+A pipeline instance of K stages keeps K microbatches in flight, one per *slot*: when a slot's
 step commits, the instance plans its next one, and the `balanced` microbatching takes the
 oldest running sequences not in flight while their predicted cost fits a K-th of the round's
 (`Instance.plan`, `Scheduler.schedule(cost=, cost_limit=)`). While nothing arrives and no
-sequence ends, a stream usually takes the same sequences again, step after step; its next
-steps can then be one flight of several decode steps, as a replica's (`SimCluster._steps_ahead`),
-provided every plan among them is the one the scheduler would make at its time.
+sequence ends, a slot mostly takes the same sequences again, step after step: a *stream*. A
+stream's steps can be one flight of several decode steps, as a replica's
+(`FastForward._steps_ahead`), provided every plan among them is the one the scheduler would
+make at its time.
 
 `plan_window` checks that by running the streams ahead on plain numbers, commit by commit in
 time order: each commit feeds a copy of the instance's online cost fit (as `Instance.commit`
@@ -14,11 +15,11 @@ does), each plan's choice is predicted from the contexts, the sequences in fligh
 as they then are (`microbatch_choice`, the scheduler's rule for a round of decodes), its KV
 counted, and its stages timed as `SimCluster._stage` times them (a device runs its stages in
 the order they were planned; a stage after the first waits for the previous one's activations
-over the link). The window ends at the first commit after which the plan would differ, a
-sequence would end, the KV would run out, a stream has FAST_FORWARD_STEPS steps, or at the
-next arrival. Each
+over the link). When a slot's plan takes other sequences than its last, a new stream follows
+the old one in that slot. The window ends at the first commit after which a sequence would
+end, the KV would run out, a stream has FAST_FORWARD_STEPS steps, or at the next arrival. Each
 stream's window steps become one flight, planned (and checked against the real scheduler) when
-the stream's step in flight commits; the observations of the cost fit are replayed in commit
+the step it follows commits; the observations of the cost fit are replayed in commit
 order with the weights found here (`OnlineStepCost.observe_features(fitted=)`).
 """
 
@@ -46,8 +47,9 @@ class Stream:
     commit: float  # when its step in flight commits
     features: tuple[int, int, int, int]  # that step's step_features (what the commit observes)
     slowest: float  # that step's slowest stage
-    step_id: int | None  # its step in flight at the window's start (None: the stream planning then)
+    step_id: int | None  # its step in flight at the window's start (None: it plans in the window)
     steps: list[Step] = field(default_factory=list)  # its window steps
+    prev: int | None = None  # the stream it follows in its microbatch slot, when that took other sequences
     hidden_seconds: float = 0.0  # its activations over the link between two stages
 
 
@@ -64,7 +66,7 @@ class Observation:
 @dataclass
 class Window:
     instance: int
-    streams: list[Stream]  # [0]: the stream planning at the start
+    streams: list[Stream]  # [0]: the stream planning at the start; then those in flight; then followers
     observations: list[Observation]  # in commit order
     busy: dict[int, float]  # rank -> when its last window stage ends
     final: list[int]  # per stream: the index of its last window step that runs (-1: none)
@@ -73,8 +75,18 @@ class Window:
     live: int = 0  # flights planned and not yet committed to their end
 
     def pending(self) -> list[int]:
-        """The streams whose window steps are still to be planned (when their step in flight commits)."""
+        """The streams whose window steps are still to be planned (when their step in flight
+        commits, or the last step of the stream they follow)."""
         return [u for u, s in enumerate(self.streams) if self.final[u] >= 0 and u not in self.flights]
+
+    def after(self, u: int) -> int | None:
+        """The step whose commit plans stream u's steps (None: not known yet)."""
+        stream = self.streams[u]
+        if stream.prev is None:
+            return stream.step_id
+        if not self.streams[stream.prev].steps:  # it took other sequences at its first plan
+            return self.after(stream.prev)
+        return self.flights.get(stream.prev)
 
 
 def microbatch_choice(ctx: list[int], ctx_sum: int, in_flight: list[bool], fit: OnlineStepCost, stages: int,
@@ -172,8 +184,9 @@ def plan_window(inst: Instance, now: float, in_flight: list[Stream], left: list[
 
     plan(streams[0], now)
     observations: list[Observation] = []
+    active = list(range(len(streams)))  # the stream of each microbatch slot now
     while True:
-        ui = min(range(len(streams)), key=lambda k: streams[k].commit)
+        ui = min(active, key=lambda k: streams[k].commit)
         u = streams[ui]
         t = u.commit
         for i in u.positions:
@@ -185,8 +198,16 @@ def plan_window(inst: Instance, now: float, in_flight: list[Stream], left: list[
         observations.append(Observation(t, u.features, u.slowest, fit.weights, ui, len(u.steps) - 1))
         if any(left[i] <= 0 for i in u.positions) or t >= horizon:
             break  # one of its sequences ends (the next plan takes others), or a request may come
-        if microbatch_choice(ctx, ctx_sum, busy_seq, fit, K, seats, budget) != u.positions or not plan(u, t):
+        choice = microbatch_choice(ctx, ctx_sum, busy_seq, fit, K, seats, budget)
+        if choice != u.positions:  # the slot takes other sequences from now on: a stream of its own
+            if len(active) < K and n - sum(busy_seq) > len(choice):
+                break  # and another microbatch would be planned at once
+            streams.append(Stream([running[i].seq_id for i in choice], choice, 0.0, (0, 0, 0, 1), 0.0, None,
+                                  prev=ui))
+            active[active.index(ui)] = ui = len(streams) - 1
+            u = streams[ui]
+        if not plan(u, t):
             break
-    if len(streams[0].steps) < 2 or sum(len(u.steps) for u in streams) < 2 * K:
+    if sum(len(u.steps) for u in streams) < 2 * K:
         return None
     return Window(inst.id, streams, observations, busy, [len(u.steps) - 1 for u in streams])
