@@ -233,6 +233,11 @@ class BlockManager:
         revived = sum(1 for b in computed_blocks if self._ref[b] == 0)
         return max(0, -(-num_tokens // self.page_size) - have) + revived
 
+    def holds(self, seq_id: str, num_tokens: int) -> bool:
+        """Whether the sequence's blocks hold num_tokens tokens already (allocate() would do nothing)."""
+        table = self.tables.get(seq_id)
+        return table is not None and -(-num_tokens // self.page_size) <= len(table)
+
     def can_allocate(self, seq_id: str, num_tokens: int, computed_blocks: Sequence[int] = (),
                      extra_blocks: int = 0) -> bool:
         """Whether allocate() can grow the sequence to num_tokens tokens, with `extra_blocks`

@@ -83,6 +83,17 @@ class GroupKV:
         k = min(len(h) for h in hits)
         return [h[:k] for h in hits], k * self.page_size
 
+    def holds(self, seq_id: str, num_tokens: int) -> bool:
+        """Whether every member that holds the sequence (one at least) holds num_tokens tokens of it."""
+        held = False
+        for m in self.members:
+            table = m.tables.get(seq_id)
+            if table is not None:
+                if -(-num_tokens // self.page_size) > len(table):
+                    return False
+                held = True
+        return held
+
     def can_allocate(self, seq_id: str, num_tokens: int, computed: MemberBlocks | Sequence[int] = (),
                      extra_blocks: int = 0) -> bool:
         return all(self.members[i].can_allocate(seq_id, num_tokens, self._hits(computed, i), extra_blocks)

@@ -263,6 +263,8 @@ class Scheduler:
         False when the sequence itself had to be preempted."""
         total = seq.num_computed_tokens + n
         extra = self._fork_blocks(seq, total)
+        if not extra and self.kv.holds(seq.seq_id, total):
+            return True  # most decode steps: the last block has room
         while not self.kv.can_allocate(seq.seq_id, total, (), extra):
             candidates = [s for s in self.running if not s.in_flight and not s.paused]
             if not candidates:
