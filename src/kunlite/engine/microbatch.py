@@ -67,7 +67,7 @@ class OnlineStepCost:
                 else:
                     x = np.concatenate((self._x[self._next:], self._x[:self._next]))
                     y = np.concatenate((self._y[self._next:], self._y[:self._next]))
-                fitted = fit_feature_weights(x, y, previous=self.weights)
+                fitted = fit_feature_weights(x, y)
             self.weights = fitted
             self._since_fit = 0
 

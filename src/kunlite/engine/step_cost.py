@@ -135,13 +135,11 @@ class FittedStepCost:
 # ---------------------------------------------------------------------------- fitting
 
 
-def nnls(a: np.ndarray, b: np.ndarray, max_iter: int | None = None, start: np.ndarray | None = None) -> np.ndarray:
+def nnls(a: np.ndarray, b: np.ndarray, max_iter: int | None = None) -> np.ndarray:
     """argmin ||a x - b||_2 subject to x >= 0 (Lawson and Hanson's active-set method).
 
     Columns are scaled to unit norm first (the features span many orders of magnitude); an
-    all-zero column gets weight 0. Returns x >= 0 exactly (no negative entry ever). `start`:
-    the columns a previous solution used (bool, (n,)); if their least squares is positive, the
-    method starts there (a refit on samples much like the last fit's then takes one solve).
+    all-zero column gets weight 0. Returns x >= 0 exactly (no negative entry ever).
     """
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
@@ -153,11 +151,6 @@ def nnls(a: np.ndarray, b: np.ndarray, max_iter: int | None = None, start: np.nd
     tol = 10 * np.finfo(np.float64).eps * max(m, n) * max(float(np.linalg.norm(b)), 1.0)
     x = np.zeros(n)
     passive = np.zeros(n, dtype=bool)  # invariant: x[~passive] == 0
-    if start is not None and (start & live).any():
-        cols = start & live
-        z = np.linalg.lstsq(s[:, cols], b, rcond=None)[0]
-        if (z > 0).all():
-            x[cols], passive = z, cols.copy()
     for _ in range(max_iter or 3 * n + 10):
         w = s.T @ (b - s @ x)  # negative gradient of the half squared residual
         free = ~passive & live
@@ -192,10 +185,8 @@ def fit_weights(batches: Sequence[Batch], seconds: Sequence[float], *, relative:
 
 
 def fit_feature_weights(x: np.ndarray, seconds: Sequence[float], *, relative: bool = True,
-                        sample_weights: Sequence[float] | None = None,
-                        previous: StepCostWeights | None = None) -> StepCostWeights:
-    """fit_weights from the (n, 4) feature matrix of the batches (FEATURES' columns); the
-    solver starts from the features `previous` weights use, if given (the same optimum)."""
+                        sample_weights: Sequence[float] | None = None) -> StepCostWeights:
+    """fit_weights from the (n, 4) feature matrix of the batches (FEATURES' columns)."""
     y = np.asarray(seconds, dtype=np.float64)
     if len(x) != len(y) or len(y) == 0:
         raise ValueError(f"need as many seconds as batches, and at least one: {len(x)} vs {len(y)}")
@@ -204,7 +195,7 @@ def fit_feature_weights(x: np.ndarray, seconds: Sequence[float], *, relative: bo
     row = 1.0 / y if relative else np.ones_like(y)
     if sample_weights is not None:
         row = row * np.sqrt(np.asarray(sample_weights, dtype=np.float64))  # (n,) squared in the loss
-    w = nnls(x * row[:, None], y * row, start=None if previous is None else previous.as_array() > 0)
+    w = nnls(x * row[:, None], y * row)
     return StepCostWeights(*(float(v) for v in w))
 
 
