@@ -59,7 +59,8 @@ class Flight:
     rank: int  # the device whose StageDone commits it
     start: float
     ends: list[float]  # when each of the k steps ends
-    seconds: list[float]  # each step's compute time (ends[j] = ends[j - 1] + seconds[j])
+    # each step's compute time (a pipeline's: its last stage's; a replica's ends[j] = ends[j - 1] + seconds[j])
+    seconds: list[float]
     computed: np.ndarray  # (B,) num_computed_tokens of its sequences at the start
     head: tuple[str | None, str | None]  # the heads of the swapped and the queue, which do not fit
     event: _Event | None = None  # its StageDone
@@ -123,7 +124,8 @@ class FastForward:
         # flights planned, steps they held, cut short, planned with requests waiting
         self.ff_stats = {"flights": 0, "steps": 0, "cuts": 0, "queued": 0}
         self._windows: dict[int, Window] = {}  # instance -> its pipeline window (pipeline_ff.py)
-        self._step_info: dict[int, tuple[float, float, int]] = {}  # a pipeline's step -> (its end, slowest stage, last rank)
+        # a pipeline's step in flight -> (when it ends, its slowest stage so far, the rank it ends on)
+        self._step_info: dict[int, tuple[float, float, int]] = {}
         self._changed = True  # a request, an event or a cut since the last _plan_all
         self.horizon = math.inf  # when the next request arrives (the simulation loop says): windows end there
 
@@ -272,7 +274,7 @@ class FastForward:
     # ------------------------------------------------------------------ a pipeline's fast-forward
 
     def _pipeline_flights(self, inst: Instance) -> None:
-        """Plan the window steps of a stream whose step in flight just committed; or, if the
+        """Plan the window steps of a stream whose step it follows just committed; or, if the
         instance can plan and all its sequences decode, a new window (pipeline_ff.py)."""
         win = self._windows.get(inst.id)
         if win is not None:
@@ -291,8 +293,9 @@ class FastForward:
         streams = []
         for step_id, flight in inst.flights.items():
             ff = self._ff.get(step_id)
-            if (ff is not None and len(ff.ends) > 1) or any(n != 1 or s.seq_id not in pos for s, n in flight.sched.scheduled):
-                return
+            if (ff is not None and len(ff.ends) > 1) or \
+                    any(n != 1 or s.seq_id not in pos for s, n in flight.sched.scheduled):
+                return  # a prompt in flight, or a flight with steps to go
             if ff is not None:
                 assert ff.slow_other is not None
                 end, slowest = ff.ends[-1], max(ff.slow_other[-1], ff.seconds[-1])
@@ -335,7 +338,8 @@ class FastForward:
         computed = np.array([s.num_computed_tokens for s in seqs], dtype=np.int64)  # (B,)
         ff = Flight(inst.id, inst.members[-1].rank, steps[0].time, [st.ends[-1] for st in steps],
                           [st.seconds[-1] for st in steps], computed, _head(inst),
-                          slow_other=[max(st.seconds[:-1]) for st in steps], stage_sum=[sum(st.seconds) for st in steps],
+                          slow_other=[max(st.seconds[:-1]) for st in steps],
+                          stage_sum=[sum(st.seconds) for st in steps],
                           window=win, stream=u)
         self._ff_planned = ff
         works = inst.plan(repeat=k)
