@@ -21,6 +21,30 @@ def test_the_online_model_fits_the_steps_it_sees() -> None:
         assert model.predict(batch) == pytest.approx(truth.predict(batch), rel=0.05)
 
 
+def test_the_online_model_fits_its_latest_samples_oldest_first() -> None:
+    # Its samples are a ring of `keep` rows: past the first lap, a refit sees the latest `keep`
+    # steps in the order they came (the fit's floats depend on it), and a copy goes its own way.
+    import numpy as np
+
+    from kunlite.engine.step_cost import fit_feature_weights, step_features
+
+    rng = np.random.default_rng(3)
+    model = OnlineStepCost(keep=16, refit_every=5, min_samples=4)
+    seen = []
+    for i in range(44):  # refits at the 4th sample, then every 5th: the 44th is one
+        batch = [(int(rng.integers(1, 64)), int(rng.integers(0, 900)))]
+        secs = 0.01 + 1e-4 * batch[0][0] + 1e-6 * batch[0][1] * (1 + 0.1 * rng.random())
+        model.observe(batch, secs)
+        seen.append((step_features(batch), secs))
+        if i == 30:
+            twin, then = model.copy(), model.weights
+    last = seen[-16:]
+    want = fit_feature_weights(np.array([f for f, _ in last], dtype=np.float64), [s for _, s in last])
+    assert model.weights == want
+    assert twin.weights == then != model.weights  # the copy saw none of the later samples
+    assert twin._count == 16 and twin._next == 31 % 16
+
+
 def test_a_cost_limit_cuts_a_prompt_to_what_fits_but_always_takes_one() -> None:
     s = make(blocks=64, budget=64)
     for name in "abcd":

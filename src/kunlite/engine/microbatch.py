@@ -71,10 +71,6 @@ class OnlineStepCost:
             self.weights = fitted
             self._since_fit = 0
 
-    @property
-    def num_samples(self) -> int:
-        return self._count
-
     def copy(self) -> "OnlineStepCost":
         return OnlineStepCost(self.keep, self.refit_every, self.min_samples, self.weights, self._since_fit,
                               self._x.copy(), self._y.copy(), self._count, self._next)
