@@ -125,6 +125,8 @@ def plan_window(inst: Instance, now: float, in_flight: list[Stream], left: list[
     K = inst.num_stages
     running = sched.running
     n = len(running)
+    if n > cfg.max_num_batched_tokens:
+        return None  # the round would stop at the budget (microbatch_choice counts every decode)
     kv = inst.members[0].kv
     ps = kv.page_size
     ctx = [s.num_computed_tokens for s in running]
