@@ -337,10 +337,9 @@ class FastForward:
             inst.kv.allocate(s.seq_id, s.num_computed_tokens + k)
         computed = np.array([s.num_computed_tokens for s in seqs], dtype=np.int64)  # (B,)
         ff = Flight(inst.id, inst.members[-1].rank, steps[0].time, [st.ends[-1] for st in steps],
-                          [st.seconds[-1] for st in steps], computed, _head(inst),
-                          slow_other=[max(st.seconds[:-1]) for st in steps],
-                          stage_sum=[sum(st.seconds) for st in steps],
-                          window=win, stream=u)
+                    [st.seconds[-1] for st in steps], computed, _head(inst),
+                    slow_other=[max(st.seconds[:-1]) for st in steps], stage_sum=[sum(st.seconds) for st in steps],
+                    window=win, stream=u)
         self._ff_planned = ff
         works = inst.plan(repeat=k)
         assert works is not None and [s.seq_id for s, _ in inst.flights[works[0].step_id].sched.scheduled] == \
