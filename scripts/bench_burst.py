@@ -77,9 +77,10 @@ def workloads(args: argparse.Namespace) -> dict[str, list]:
         from kunlite.sim.traces import read_burstgpt
 
         burst = with_trace(burst, read_burstgpt(args.trace, limit=args.burst), args.burst_at)
-    out = {"burst": burst, "dense": dense(long_prompt=args.long_prompt, burst_prompt=args.burst_prompt,
-                                          burst_tokens=args.burst_tokens, burstiness=args.burstiness), "at-once": all_at_once(n=args.at_once, prompt=args.at_once_prompt,
-                                                   tokens=args.at_once_tokens)}
+    out = {"burst": burst,
+           "dense": dense(long_prompt=args.long_prompt, burst_prompt=args.burst_prompt,
+                          burst_tokens=args.burst_tokens, burstiness=args.burstiness),
+           "at-once": all_at_once(n=args.at_once, prompt=args.at_once_prompt, tokens=args.at_once_tokens)}
     return {k: v for k, v in out.items() if k in args.scenarios.split(",")}
 
 

@@ -190,19 +190,23 @@ class Instance:
         return len(self.flights) < self.max_in_flight and \
             bool(sched.waiting or sched.swapped or any(not s.in_flight for s in sched.running))
 
-    def decode_only(self, queued: bool = False) -> list[Sequence] | None:
+    def decode_only(self, queued: bool = False, pipeline: bool = False) -> list[Sequence] | None:
         """The running sequences, if the next step would be exactly one decode of each of them
         (a replica with nothing waiting, swapped, in flight, paused, mid-prompt or forking,
         no copies or aborts pending, all within the step's seats and budget); else None.
         With `queued`, sequences may wait or be swapped out: the caller asks
-        `Scheduler.admits_none` once the step's KV is allocated."""
+        `Scheduler.admits_none` once the step's KV is allocated. With `pipeline`, the
+        instance may have several members and steps in flight, and every running sequence,
+        in one or not, is a decode (nothing waits, none unplaced): its next microbatches are
+        decodes (the simulator's pipeline windows choose which)."""
         sched, cfg = self.scheduler, self.config
-        if (len(self.members) > 1 or self.flights or self._copies or self._aborting or self.scratch is not None
+        if (((len(self.members) > 1 or self.flights) and not pipeline) or (pipeline and self.maybe_unplaced)
+                or self._copies or self._aborting or self.scratch is not None
                 or (not queued and (sched.waiting or sched.swapped)) or not sched.running
                 or len(sched.running) > min(cfg.max_num_seqs, cfg.max_num_batched_tokens)):
             return None
         for s in sched.running:
-            if s.in_flight or s.paused or s.num_uncomputed != 1 or s.pending_children:
+            if (s.in_flight and not pipeline) or s.paused or s.num_uncomputed != 1 or s.pending_children:
                 return None
         return list(sched.running)
 

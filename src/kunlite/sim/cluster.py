@@ -17,7 +17,6 @@ are due, through the coordinator's own `_handle`, as the workers' answers.
 A device's pool is sized by `engine/sizing.py`, page for page as the real one.
 
 Decode steps are taken many at a time where that is the same run (`fast_forward.py`).
-
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
-
 
 from kunlite.engine.args import EngineOptions
 from kunlite.engine.clock import VirtualClock
@@ -44,6 +42,7 @@ from kunlite.engine.work import StageDone, StageWork
 from kunlite.sim.fast_forward import FastForward
 
 log = logging.getLogger("kunlite.sim")
+
 
 @dataclass(frozen=True)
 class SimHardware:

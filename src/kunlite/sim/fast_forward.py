@@ -285,11 +285,10 @@ class FastForward:
         if self.elastic is not None or self.migrator is not None or inst.microbatch != "balanced" or \
                 self.states.get(inst.id) != "serving" or not inst.can_plan():
             return
-        sched = inst.scheduler
-        if sched.waiting or sched.swapped or inst._copies or inst._aborting or inst.scratch is not None or \
-                inst.maybe_unplaced or inst.members[0].kv.enable_prefix_caching:
+        running = inst.decode_only(pipeline=True)
+        if running is None or inst.members[0].kv.enable_prefix_caching:
             return
-        pos = {s.seq_id: i for i, s in enumerate(sched.running)}
+        pos = {s.seq_id: i for i, s in enumerate(running)}
         streams = []
         for step_id, flight in inst.flights.items():
             ff = self._ff.get(step_id)
@@ -305,10 +304,9 @@ class FastForward:
             m, c = len(ids), sum(x for _, x in flight.shape)  # its (last) step's contexts
             streams.append(Stream(ids, [pos[i] for i in ids], end, (m, c + m, m, 1), slowest, step_id))
         left = []
-        for s in sched.running:
+        for s in running:
             p = s.params
-            if s.paused or s.num_uncomputed != 1 or s.pending_children or self._token in p.stop_token_ids or \
-                    (not p.ignore_eos and self._token in self.eos):
+            if self._token in p.stop_token_ids or (not p.ignore_eos and self._token in self.eos):
                 return
             steps = inst.max_model_len - s.num_tokens
             left.append(steps if p.max_tokens is None else min(steps, p.max_tokens - len(s.output_token_ids)))
@@ -366,13 +364,14 @@ class FastForward:
         dropped = False  # window steps planned from now on: none runs
         for u in range(len(win.streams)):
             step_id = win.flights.get(u)
-            ff = self._ff.get(step_id) if step_id is not None else None
-            if step_id is None:
+            if step_id is None:  # not planned yet: none of its steps runs
                 dropped |= win.final[u] >= 0
                 win.final[u] = -1
-            if ff is None:
                 continue
-            self._cut(step_id, ff, inst)  # type: ignore[arg-type]
+            ff = self._ff.get(step_id)
+            if ff is None:
+                continue  # it committed to its end already
+            self._cut(step_id, ff, inst)
             final = ff.j0 + len(ff.ends) - 1
             dropped |= final < win.final[u]
             win.final[u] = final

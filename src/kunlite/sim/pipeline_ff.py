@@ -124,9 +124,7 @@ def plan_window(inst: Instance, now: float, in_flight: list[Stream], left: list[
     sched, cfg = inst.scheduler, inst.config
     K = inst.num_stages
     running = sched.running
-    n = len(running)
-    if n > cfg.max_num_batched_tokens:
-        return None  # the round would stop at the budget (microbatch_choice counts every decode)
+    n = len(running)  # (decode_only: within the seats and the budget, so the round holds every decode)
     kv = inst.members[0].kv
     ps = kv.page_size
     ctx = [s.num_computed_tokens for s in running]
