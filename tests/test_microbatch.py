@@ -61,6 +61,70 @@ def test_a_cost_limit_cuts_a_prompt_to_what_fits_but_always_takes_one() -> None:
     s.kv.check()
 
 
+def test_a_prompt_in_progress_is_not_cut_below_its_min_chunk() -> None:
+    s = make(blocks=64, budget=64)
+    s.add(seq("b", 3))
+    s.add(seq("a", 40))
+    out = run_step_with(s, cost_limit=13, min_chunk=16)  # admitting a: cut to what fits (the floor is for
+    assert out == [("b", 3), ("a", 10)]                  # prompts in progress)
+    assert run_step_with(s, cost_limit=6) == [("b", 1), ("a", 5)]  # in progress, no floor: cut to what fits
+    assert run_step_with(s, cost_limit=6, min_chunk=16) == [("b", 1), ("a", 16)]  # not below the floor
+    assert run_step_with(s, cost_limit=2, min_chunk=16) == [("b", 1), ("a", 9)]  # or its remainder
+    s.kv.check()
+
+
+def run_step_with(s, **kw) -> list[tuple[str, int]]:  # type: ignore[no-untyped-def]
+    out = s.schedule(cost=lambda batch: float(sum(q for q, _ in batch)), **kw)
+    for q, n in out.scheduled:
+        q.num_computed_tokens += n
+        if q.num_computed_tokens == q.num_tokens:
+            q.append_token(7)
+    return [(q.seq_id, n) for q, n in out.scheduled]
+
+
+def test_a_balanced_pipeline_runs_a_prompt_in_few_chunks() -> None:
+    # Two stages, a few decodes running and one prompt of 539 tokens: each microbatch carries
+    # half the round's predicted cost, but the prompt (in one microbatch at a time) gets at
+    # least half the budget a step. Cut to half the work left, it ran 11 chunks: 269, 134, ...
+    from kunlite.config import SchedulerConfig
+    from kunlite.engine.block_manager import BlockManager
+    from kunlite.engine.instance import Instance, Member
+    from kunlite.engine.messages import EngineRequest
+    from kunlite.engine.preemption import RecomputePolicy
+    from kunlite.engine.work import StageDone
+    from kunlite.sampling_params import SamplingParams
+
+    members = [Member(r, (r, r + 1), BlockManager(page_size=16, pages=range(256), layers=(r, r + 1), num_layers=2))
+               for r in (0, 1)]
+    cfg = SchedulerConfig(max_num_batched_tokens=1024, max_num_seqs=64, max_model_len=2048)
+    inst = Instance(0, members, cfg, RecomputePolicy(), frozenset(), 2048)
+    inst.payload = False
+    truth = StepCostWeights(per_token=1e-4, per_attention_pair=1e-8, per_sequence=1e-4, per_step=5e-3)
+    inst.step_cost.weights = truth  # as fitted
+    params = SamplingParams(max_tokens=400, ignore_eos=True)
+    for i in range(5):
+        inst.add_request(EngineRequest(f"d{i}", [1] * 200, params, 0.0))
+    chunks: list[int] = []
+    in_flight: list[int] = []
+
+    def step() -> None:  # plan into free slots, then commit the oldest microbatch
+        while len(in_flight) < 2 and (works := inst.plan()) is not None:
+            flight = inst.flights[works[0].step_id]
+            chunks.extend(n for s, n in flight.sched.scheduled if s.seq_id == "p")
+            in_flight.append(works[0].step_id)
+        step_id = in_flight.pop(0)
+        flight = inst.flights[step_id]
+        inst.commit(StageDone(step_id, 0, 1, truth.predict(flight.shape), [5] * len(flight.sampled)))
+
+    for _ in range(6):
+        step()
+    inst.add_request(EngineRequest("p", [2] * 539, params, 0.0))
+    for _ in range(30):
+        step()
+    assert sum(chunks) == 539 and len(chunks) <= 2, chunks
+    inst.kv.check()
+
+
 def test_without_chunked_prefill_a_prompt_that_does_not_fit_waits() -> None:
     s = make(blocks=64, budget=64, chunked=False)
     for name in "abc":

@@ -223,9 +223,13 @@ class Instance:
         before the last."""
         K = self.num_stages
         if K > 1 and self.microbatch == "balanced":
-            # Look ahead: a microbatch carries a K-th of the predicted cost of what could run now.
+            # Look ahead: a microbatch carries a K-th of the predicted cost of what could run now;
+            # a prompt in progress gets no shorter a chunk than `even` would give it (a K-th of
+            # the budget): cut to a K-th of the work left, a 539-token prompt ran in 11 chunks,
+            # 269, 134, 67, ..., 1, one pipeline pass each, and waited for its first token.
             sched = self.scheduler.schedule(cost=self.step_cost.predict,
-                                            cost_limit=self.step_cost.share(self._round(), K))
+                                            cost_limit=self.step_cost.share(self._round(), K),
+                                            min_chunk=max(self.config.max_num_batched_tokens // K, 1))
         else:
             # Each microbatch takes an even share of the running sequences and of the budget.
             budget = max(self.config.max_num_batched_tokens // K, 1)

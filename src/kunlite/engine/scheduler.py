@@ -122,14 +122,16 @@ class Scheduler:
 
     def schedule(self, budget: int | None = None, max_running: int | None = None,
                  cost: Callable[[list[tuple[int, int]]], float] | None = None,
-                 cost_limit: float | None = None) -> SchedulerOutput:
+                 cost_limit: float | None = None, min_chunk: int = 0) -> SchedulerOutput:
         """One step: `budget` tokens (default: the configured budget), of which at most
         `max_running` go to running sequences (a pipeline splits its decodes over microbatches);
         the rest of the budget admits waiting ones. With `cost` (seconds of a batch of
         (new tokens, context) pairs, additive: a per-step constant plus each sequence's own
         share, as the step model is) the step stops growing at `cost_limit` (it always takes
         one sequence), a prompt's chunk cut to what still fits: a pipeline's microbatches of
-        balanced cost."""
+        balanced cost. A running sequence's chunk (a prompt in progress) is never cut below
+        `min_chunk` tokens, or its remainder: a sequence is in one microbatch at a time, so
+        cutting it to a share of the work left would halve its chunks step after step."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens if budget is None else budget
         seats = max_running if max_running is not None else self.config.max_num_seqs
@@ -171,6 +173,8 @@ class Scheduler:
             if n > budget:
                 continue
             fits = affordable(n, seq.num_computed_tokens)
+            if n > 1 and chunked:
+                fits = max(fits, min(n, min_chunk))
             if fits == 0:
                 break  # the microbatch is full
             n = fits
