@@ -140,6 +140,54 @@ def test_nnls_equals_the_best_of_every_active_set() -> None:
         assert float(r @ r) == pytest.approx(best, rel=1e-7, abs=1e-12)
 
 
+def _nnls_on_arrays(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Lawson-Hanson as nnls() does it, every vector a numpy array (nnls keeps its n-vectors
+    in Python floats): the reference its floats must equal, since the pipelines' online fits,
+    and so the simulator's tables, depend on them to the last bit."""
+    m, n = a.shape
+    norms = np.linalg.norm(a, axis=0)
+    live = norms > 0
+    scale = np.where(live, norms, 1.0)
+    s = a / scale
+    tol = 10 * np.finfo(np.float64).eps * max(m, n) * max(float(np.linalg.norm(b)), 1.0)
+    x, passive = np.zeros(n), np.zeros(n, dtype=bool)
+    for _ in range(3 * n + 10):
+        w = s.T @ (b - s @ x)
+        free = ~passive & live
+        if not free.any() or w[free].max() <= tol:
+            break
+        passive[np.argmax(np.where(free, w, -np.inf))] = True
+        for _ in range(n):
+            z = np.zeros(n)
+            z[passive] = np.linalg.lstsq(s[:, passive], b, rcond=None)[0]
+            if (z[passive] > 0).all():
+                x = z
+                break
+            neg = passive & (z <= 0)
+            x = x + np.min(x[neg] / (x[neg] - z[neg])) * (z - x)
+            passive &= x > tol
+            x[~passive] = 0.0
+    return np.maximum(x, 0.0) / scale
+
+
+def test_nnls_gives_the_reference_floats() -> None:
+    rng = np.random.default_rng(1)
+    for trial in range(400):
+        m = int(rng.integers(4, 300))
+        if trial % 3 == 0:  # decode steps only (T == B: collinear), as a pipeline's window sees
+            b_, c = rng.integers(1, 8, m), rng.integers(0, 5000, m)
+            x = np.stack([b_, c + b_, b_, np.ones(m)], 1).astype(float)
+        elif trial % 3 == 1:
+            q, c, b_ = rng.integers(1, 600, m), rng.integers(0, 3000, m), rng.integers(1, 20, m)
+            x = np.stack([q + b_, q * c + b_ * 100, b_, np.ones(m)], 1).astype(float)
+        else:
+            x = rng.standard_normal((m, 4))
+        w = rng.random(4) * np.array([1e-4, 1e-8, 1e-4, 1e-2]) * (rng.random(4) > 0.3)
+        y = np.abs(x @ w) * (1 + 0.05 * rng.standard_normal(m)) + 1e-6
+        a, b = x / y[:, None], np.ones(m)
+        assert nnls(a, b).tolist() == _nnls_on_arrays(a, b).tolist()
+
+
 def test_fitted_cost_charges_a_stage_its_share_of_layers() -> None:
     cost: StepCost = FittedStepCost(TRUE, num_layers=30)
     batch = [(1, 100)] * 8 + [(128, 0)]

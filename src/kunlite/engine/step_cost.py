@@ -24,6 +24,7 @@ in, seconds out.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -145,31 +146,35 @@ def nnls(a: np.ndarray, b: np.ndarray, max_iter: int | None = None) -> np.ndarra
     b = np.asarray(b, dtype=np.float64)
     m, n = a.shape
     norms = np.linalg.norm(a, axis=0)
-    live = norms > 0
-    scale = np.where(live, norms, 1.0)
+    live = (norms > 0).tolist()
+    scale = np.where(norms > 0, norms, 1.0)
     s = a / scale  # (m, n) unit-norm columns (zero columns stay zero)
     tol = 10 * np.finfo(np.float64).eps * max(m, n) * max(float(np.linalg.norm(b)), 1.0)
-    x = np.zeros(n)
-    passive = np.zeros(n, dtype=bool)  # invariant: x[~passive] == 0
+    # The n-vectors are Python floats (the same IEEE operations as numpy's, elementwise);
+    # the (m, n) products and the least squares stay numpy's.
+    x = [0.0] * n
+    passive = [False] * n  # invariant: x[j] == 0 where not passive
     for _ in range(max_iter or 3 * n + 10):
-        w = s.T @ (b - s @ x)  # negative gradient of the half squared residual
-        free = ~passive & live
-        if not free.any() or w[free].max() <= tol:
+        w = (s.T @ (b - s @ np.array(x))).tolist()  # negative gradient of the half squared residual
+        free = [j for j in range(n) if not passive[j] and live[j]]
+        if not free or max(w[j] for j in free) <= tol:
             break
-        passive[np.argmax(np.where(free, w, -np.inf))] = True
+        passive[max(free, key=w.__getitem__)] = True  # the first of the largest, as argmax
         for _ in range(n):  # each pass that does not finish drops at least one passive entry
-            z = np.zeros(n)
-            z[passive] = np.linalg.lstsq(s[:, passive], b, rcond=None)[0]
-            if (z[passive] > 0).all():
+            cols = [j for j in range(n) if passive[j]]
+            z = [0.0] * n
+            for j, v in zip(cols, np.linalg.lstsq(s[:, cols], b, rcond=None)[0].tolist()):
+                z[j] = v
+            if all(z[j] > 0 for j in cols):
                 x = z
                 break
             # Step from x towards z until the first passive entry reaches 0; drop those.
-            neg = passive & (z <= 0)
-            alpha = np.min(x[neg] / (x[neg] - z[neg]))
-            x = x + alpha * (z - x)
-            passive &= x > tol
-            x[~passive] = 0.0
-    return np.maximum(x, 0.0) / scale
+            steps = [x[j] / (x[j] - z[j]) if x[j] != z[j] else math.nan for j in cols if z[j] <= 0]  # 0/0: numpy's nan
+            alpha = math.nan if any(v != v for v in steps) else min(steps)  # np.min's nan
+            x = [xj + alpha * (zj - xj) for xj, zj in zip(x, z)]
+            passive = [p and xj > tol for p, xj in zip(passive, x)]
+            x = [xj if p else 0.0 for p, xj in zip(passive, x)]
+    return np.maximum(np.array(x), 0.0) / scale
 
 
 def fit_weights(batches: Sequence[Batch], seconds: Sequence[float], *, relative: bool = True,

@@ -200,9 +200,41 @@ class AnalyticStepCost:
 
     def decode_step_seconds(self, num_seqs: int, context_sum: int, layers: tuple[int, int]) -> float:
         """step_seconds of num_seqs decodes (q = 1) whose contexts sum to context_sum, without
-        the batch; the same float."""
+        the batch; the same float: `_terms` and `_seconds` with what depends on the layers
+        alone computed once (the same operations in the same order; a pipeline window asks
+        this of every stage of every step it runs ahead)."""
+        k = self._decode_consts.get(layers)
+        if k is None:
+            self._terms(1, 1, 1, 1, layers)  # checks the range
+            k = self._decode_consts[layers] = self._layer_consts(layers)
+        n_l, lf, act, af, first, last, h, e, v, kvs, head_dim, heads = k
         n = num_seqs
-        return self._seconds(self._terms(n, context_sum + n, n, context_sum + n, layers))
+        a = context_sum + n  # attention pairs, and KV tokens read
+        d = self.device
+        flops, bandwidth = d.flops, d.bandwidth
+        ends_flops = ends_bytes = 0.0
+        if first:
+            ends_bytes += n * h * e
+        if last:
+            ends_flops += 2.0 * v * h * n
+            ends_bytes += v * h * e + n * (h * e + v * 4)
+        return max(lf * n / flops, n_l * (self._layer_params + n * act) * e / bandwidth) + \
+            max(af * a * head_dim * heads / flops, n_l * a * 2.0 * kvs * e / bandwidth) + \
+            max(ends_flops / flops, ends_bytes / bandwidth) + d.step_overhead_s
+
+    @cached_property
+    def _decode_consts(self) -> dict[tuple[int, int], tuple[Any, ...]]:
+        return {}
+
+    def _layer_consts(self, layers: tuple[int, int]) -> tuple[Any, ...]:
+        """What `_terms` computes from the layers alone, for decode_step_seconds."""
+        cfg, e = self.model, self.elem_bytes
+        l0, l1 = layers
+        n = l1 - l0
+        h = cfg.hidden_size
+        act = 4 * h + cfg.qkv_size + cfg.q_size + 3 * cfg.intermediate_size
+        return (n, n * 2.0 * self._layer_params, act, n * 4.0, l0 == 0, l1 == cfg.num_layers, h, e, cfg.vocab_size,
+                cfg.kv_size, cfg.head_dim, cfg.num_heads)
 
     def _seconds(self, terms: tuple[float, ...]) -> float:
         """Each class's Work.seconds, added up, plus the step overhead."""

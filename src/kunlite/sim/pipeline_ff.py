@@ -152,16 +152,19 @@ def plan_window(inst: Instance, now: float, in_flight: list[Stream], left: list[
         j = len(u.steps)
         if j >= max_steps:
             return False
-        add = 0
+        add = c = 0
         for i in u.positions:
-            add += max(-(-(ctx[i] + 1) // ps) - held[i], 0)
+            add += max(-(-(ctx[i] + 1) // ps) - held[i], 0)  # blocks for its next token
+            c += ctx[i]  # its contexts now: c0 + m * j
         if used + add > free:
             return False  # the step-by-step run would preempt here
         used += add
+        if add:
+            for i in u.positions:
+                held[i] = max(held[i], -(-(ctx[i] + 1) // ps))
         for i in u.positions:
-            held[i] = max(held[i], -(-(ctx[i] + 1) // ps))
+            busy_seq[i] = True
         m = len(u.positions)
-        c = sum(ctx[i] for i in u.positions)  # its contexts now: c0 + m * j
         if j == 0:
             u.hidden_seconds = link_seconds(m * token_bytes)
         if one is not None:
@@ -178,26 +181,29 @@ def plan_window(inst: Instance, now: float, in_flight: list[Stream], left: list[
             ends.append(prev)
         u.steps.append(Step(t, ends, secs))
         u.commit, u.features, u.slowest = prev, (m, c + m, m, 1), max(secs)
-        for i in u.positions:
-            busy_seq[i] = True
         return True
 
     plan(streams[0], now)
     observations: list[Observation] = []
     active = list(range(len(streams)))  # the stream of each microbatch slot now
     while True:
-        ui = min(active, key=lambda k: streams[k].commit)
+        ui = active[0]
+        for k in active:  # the first of the earliest, as min()
+            if streams[k].commit < streams[ui].commit:
+                ui = k
         u = streams[ui]
         t = u.commit
+        ends = t >= horizon  # a request may come
         for i in u.positions:
             ctx[i] += 1
             left[i] -= 1
             busy_seq[i] = False
+            ends |= left[i] <= 0  # it ends: the next plan takes others
         ctx_sum += len(u.positions)
         fit.observe_features(u.features, u.slowest)
         observations.append(Observation(t, u.features, u.slowest, fit.weights, ui, len(u.steps) - 1))
-        if any(left[i] <= 0 for i in u.positions) or t >= horizon:
-            break  # one of its sequences ends (the next plan takes others), or a request may come
+        if ends:
+            break
         choice = microbatch_choice(ctx, ctx_sum, busy_seq, fit, K, seats, budget)
         if choice != u.positions:  # the slot takes other sequences from now on: a stream of its own
             if len(active) < K and n - sum(busy_seq) > len(choice):
