@@ -12,7 +12,7 @@ make at its time.
 `plan_window` checks that by running the streams ahead on plain numbers, commit by commit in
 time order: each commit feeds a copy of the instance's online cost fit (as `Instance.commit`
 does), each plan's choice is predicted from the contexts, the sequences in flight and the fit
-as they then are (`microbatch_choice`, the scheduler's rule for a round of decodes), its KV
+as they then are (`Shares.choice`, the scheduler's rule for a round of decodes), its KV
 counted, and its stages timed as `SimCluster._stage` times them (a device runs its stages in
 the order they were planned; a stage after the first waits for the previous one's activations
 over the link). When a slot's plan takes other sequences than its last, a new stream follows
@@ -89,30 +89,49 @@ class Window:
         return self.flights.get(stream.prev)
 
 
-def microbatch_choice(ctx: list[int], ctx_sum: int, in_flight: list[bool], fit: OnlineStepCost, stages: int,
-                      seats: int, budget: int) -> list[int]:
-    """The running positions `Scheduler.schedule(cost=fit.predict, cost_limit=...)` takes for a
-    pipeline's microbatch when every running sequence decodes (one new token each, contexts
-    `ctx`) and nothing waits: the oldest not in flight, while the cost spent so far plus the next
-    one's share stays within a `stages`-th of the round's (the first always), within the seats and
-    the token budget. The same floats as the scheduler's, in the same order."""
-    n = len(ctx)
-    base = fit.predict_features(0, 0, 0)
-    limit = fit.split(fit.predict_features(n, ctx_sum + n, n), stages)  # Instance._round: every decode
-    out: list[int] = []
-    spent = base
-    for i in range(n):
-        if budget <= 0 or len(out) >= seats:
-            break
-        if in_flight[i]:
-            continue
-        share = fit.predict_features(1, ctx[i] + 1, 1) - base
-        if out and not spent + share <= limit:
-            break
-        out.append(i)
-        spent += share
-        budget -= 1
-    return out
+class Shares:
+    """What `Scheduler.schedule(cost=fit.predict, cost_limit=...)` weighs for a pipeline's
+    microbatch when every running sequence decodes: each one's share of a step's cost (one new
+    token on its context), the per-step base, and the limit (a `stages`-th of the round's:
+    `Instance._round` when every running sequence decodes). The scheduler's floats: a share
+    is recomputed when its context grows or the fit is refitted."""
+
+    def __init__(self, fit: OnlineStepCost, ctx: list[int], stages: int) -> None:
+        self.fit, self.ctx, self.stages = fit, ctx, stages
+        self.weights: StepCostWeights | None = None
+        self.shares: list[float] = []
+        self.base = 0.0
+
+    def refresh(self, grown: list[int]) -> None:
+        """The contexts of these running positions grew (and the fit may have refitted)."""
+        fit, ctx = self.fit, self.ctx
+        if fit.weights is not self.weights or not self.shares:
+            self.weights, self.base = fit.weights, fit.predict_features(0, 0, 0)
+            grown = range(len(ctx))  # type: ignore[assignment]
+            self.shares = [0.0] * len(ctx)
+        for i in grown:
+            self.shares[i] = self.fit.predict_features(1, ctx[i] + 1, 1) - self.base
+
+    def choice(self, ctx_sum: int, in_flight: list[bool], seats: int, budget: int) -> list[int]:
+        """The running positions the scheduler takes for the microbatch (contexts summing to
+        ctx_sum): the oldest not in flight, while the cost spent so far plus the next one's
+        share stays within the limit (the first always), within the seats and the token
+        budget. The same floats as the scheduler's, in the same order."""
+        n, fit = len(self.ctx), self.fit
+        limit = fit.split(fit.predict_features(n, ctx_sum + n, n), self.stages)
+        out: list[int] = []
+        spent = self.base
+        for i, share in enumerate(self.shares):
+            if budget <= 0 or len(out) >= seats:
+                break
+            if in_flight[i]:
+                continue
+            if out and not spent + share <= limit:
+                break
+            out.append(i)
+            spent += share
+            budget -= 1
+        return out
 
 
 def plan_window(inst: Instance, now: float, in_flight: list[Stream], left: list[int], busy: dict[int, float],
@@ -137,7 +156,9 @@ def plan_window(inst: Instance, now: float, in_flight: list[Stream], left: list[
     fit = inst.step_cost.copy()
     seats, budget = cfg.max_num_seqs, cfg.max_num_batched_tokens
     ctx_sum = sum(ctx)
-    first = microbatch_choice(ctx, ctx_sum, busy_seq, fit, K, seats, budget)
+    shares = Shares(fit, ctx, K)
+    shares.refresh([])
+    first = shares.choice(ctx_sum, busy_seq, seats, budget)
     if not first or (len(in_flight) + 1 < K and n - sum(busy_seq) > len(first)):
         return None  # nothing to plan, or another microbatch would be planned at once
     streams = [Stream([running[i].seq_id for i in first], first, 0.0, (0, 0, 0, 1), 0.0, None)] + in_flight
@@ -204,7 +225,8 @@ def plan_window(inst: Instance, now: float, in_flight: list[Stream], left: list[
         observations.append(Observation(t, u.features, u.slowest, fit.weights, ui, len(u.steps) - 1))
         if ends:
             break
-        choice = microbatch_choice(ctx, ctx_sum, busy_seq, fit, K, seats, budget)
+        shares.refresh(u.positions)
+        choice = shares.choice(ctx_sum, busy_seq, seats, budget)
         if choice != u.positions:  # the slot takes other sequences from now on: a stream of its own
             if len(active) < K and n - sum(busy_seq) > len(choice):
                 break  # and another microbatch would be planned at once

@@ -94,13 +94,13 @@ def simulate(options: EngineOptions, hardware: SimHardware, trace: list[TraceReq
             k = int(o.request_id)
             if o.new_token_ids:
                 # A fast-forward's output holds several tokens; each came at its own step's end.
-                times = c.token_times.pop(id(o), None) or [now]
-                for t in (x + egress for x in times):
-                    if k not in first:
-                        first[k] = t
-                    else:
-                        itl.setdefault(k, []).append(t - last[k])
-                    last[k] = t
+                ts = [x + egress for x in c.token_times.pop(id(o), None) or [now]]
+                if k not in first:
+                    first[k] = last[k] = ts[0]
+                    ts = ts[1:]
+                if ts:  # the gap before each token
+                    itl.setdefault(k, []).extend([b - a for a, b in zip([last[k]] + ts[:-1], ts)])
+                    last[k] = ts[-1]
                 count[k] = count.get(k, 0) + len(o.new_token_ids)
             if o.finish_reason is not None:
                 rec = records[k]
