@@ -227,8 +227,8 @@ class Instance:
             # a prompt in progress gets no shorter a chunk than `even` would give it (a K-th of
             # the budget): cut to a K-th of the work left, a 539-token prompt ran in 11 chunks,
             # 269, 134, 67, ..., 1, one pipeline pass each, and waited for its first token.
-            sched = self.scheduler.schedule(cost=self.step_cost.predict,
-                                            cost_limit=self.step_cost.share(self._round(), K),
+            fit = self.step_cost
+            sched = self.scheduler.schedule(cost=fit.predict, cost_limit=fit.split(fit.predict_features(*self._round()), K),
                                             min_chunk=max(self.config.max_num_batched_tokens // K, 1))
         else:
             # Each microbatch takes an even share of the running sequences and of the budget.
@@ -330,23 +330,25 @@ class Instance:
             self.remote_calls += m.layers[1] - m.layers[0]
         return out
 
-    def _round(self) -> list[tuple[int, int]]:
-        """A round of the pipeline's work: the next tokens of every running sequence (in flight
-        or not: each microbatch carries its share of all of them), then the queue's prompts in
-        order, within the whole budget."""
-        out, budget = [], self.config.max_num_batched_tokens
+    def _round(self) -> tuple[int, int, int]:
+        """The step_features (T, A, B) of a round of the pipeline's work: the next tokens of
+        every running sequence (in flight or not: each microbatch carries its share of all of
+        them), then the queue's prompts in order, within the whole budget; a decode of an
+        empty context if there is none."""
+        t = a = b = 0
+        budget = self.config.max_num_batched_tokens
         for s in self.scheduler.running:
             if not s.paused and budget > 0:
                 n = min(max(s.num_uncomputed, 1), budget)
-                out.append((n, s.num_computed_tokens))
+                t, a, b = t + n, a + n * s.num_computed_tokens + n * (n + 1) // 2, b + 1
                 budget -= n
         for s in self.scheduler.waiting:
             if budget <= 0:
                 break
             n = min(s.num_tokens, budget)
-            out.append((n, 0))
+            t, a, b = t + n, a + n * (n + 1) // 2, b + 1
             budget -= n
-        return out or [(1, 0)]
+        return (t, a, b) if b else (1, 1, 1)
 
     def observe_stage(self, done: StageDone) -> None:
         """A member finished its share of a step: its compute time counts for the cost model
