@@ -33,14 +33,14 @@ from kunlite.engine.microbatch import OnlineStepCost
 from kunlite.engine.step_cost import StepCostWeights
 
 
-@dataclass
+@dataclass(slots=True)
 class Step:
     time: float  # when it is planned (its stream's previous step commits then)
     ends: list[float]  # when each stage ends; the last: its commit
     seconds: list[float]  # each stage's compute time
 
 
-@dataclass
+@dataclass(slots=True)
 class Stream:
     seq_ids: list[str]  # its sequences, in running order
     positions: list[int]  # their places in the scheduler's running list
@@ -53,7 +53,7 @@ class Stream:
     hidden_seconds: float = 0.0  # its activations over the link between two stages
 
 
-@dataclass
+@dataclass(slots=True)
 class Observation:
     time: float  # the commit
     features: tuple[int, int, int, int]
@@ -63,7 +63,7 @@ class Observation:
     j: int  # the step's index among its stream's window steps; -1: the step in flight at the start
 
 
-@dataclass
+@dataclass(slots=True)
 class Window:
     instance: int
     streams: list[Stream]  # [0]: the stream planning at the start; then those in flight; then followers
