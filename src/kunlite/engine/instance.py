@@ -228,7 +228,8 @@ class Instance:
             # the budget): cut to a K-th of the work left, a 539-token prompt ran in 11 chunks,
             # 269, 134, 67, ..., 1, one pipeline pass each, and waited for its first token.
             fit = self.step_cost
-            sched = self.scheduler.schedule(cost=fit.predict, cost_limit=fit.split(fit.predict_features(*self._round()), K),
+            limit = fit.split(fit.predict_features(*self._round()), K)
+            sched = self.scheduler.schedule(cost=fit.predict, cost_limit=limit,
                                             min_chunk=max(self.config.max_num_batched_tokens // K, 1))
         else:
             # Each microbatch takes an even share of the running sequences and of the budget.

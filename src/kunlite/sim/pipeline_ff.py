@@ -110,7 +110,7 @@ class Shares:
             grown = range(len(ctx))  # type: ignore[assignment]
             self.shares = [0.0] * len(ctx)
         for i in grown:
-            self.shares[i] = self.fit.predict_features(1, ctx[i] + 1, 1) - self.base
+            self.shares[i] = fit.predict_features(1, ctx[i] + 1, 1) - self.base
 
     def choice(self, ctx_sum: int, in_flight: list[bool], seats: int, budget: int) -> list[int]:
         """The running positions the scheduler takes for the microbatch (contexts summing to
@@ -214,16 +214,16 @@ def plan_window(inst: Instance, now: float, in_flight: list[Stream], left: list[
                 ui = k
         u = streams[ui]
         t = u.commit
-        ends = t >= horizon  # a request may come
+        stop = t >= horizon  # a request may come
         for i in u.positions:
             ctx[i] += 1
             left[i] -= 1
             busy_seq[i] = False
-            ends |= left[i] <= 0  # it ends: the next plan takes others
+            stop |= left[i] <= 0  # it ends: the next plan takes others
         ctx_sum += len(u.positions)
         fit.observe_features(u.features, u.slowest)
         observations.append(Observation(t, u.features, u.slowest, fit.weights, ui, len(u.steps) - 1))
-        if ends:
+        if stop:
             break
         shares.refresh(u.positions)
         choice = shares.choice(ctx_sum, busy_seq, seats, budget)
