@@ -85,14 +85,7 @@ class GroupKV:
 
     def holds(self, seq_id: str, num_tokens: int) -> bool:
         """Whether every member that holds the sequence (one at least) holds num_tokens tokens of it."""
-        held = False
-        for m in self.members:
-            table = m.tables.get(seq_id)
-            if table is not None:
-                if -(-num_tokens // self.page_size) > len(table):
-                    return False
-                held = True
-        return held
+        return all(self.members[i].holds(seq_id, num_tokens) for i in self._holding(seq_id))
 
     def can_allocate(self, seq_id: str, num_tokens: int, computed: MemberBlocks | Sequence[int] = (),
                      extra_blocks: int = 0) -> bool:

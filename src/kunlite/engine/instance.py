@@ -222,20 +222,19 @@ class Instance:
         run exactly these, that their KV for all of them is allocated, and that none ends
         before the last."""
         K = self.num_stages
+        even = max(self.config.max_num_batched_tokens // K, 1)  # an even microbatch's token budget
         if K > 1 and self.microbatch == "balanced":
             # Look ahead: a microbatch carries a K-th of the predicted cost of what could run now;
-            # a prompt in progress gets no shorter a chunk than `even` would give it (a K-th of
-            # the budget): cut to a K-th of the work left, a 539-token prompt ran in 11 chunks,
+            # a prompt in progress gets no shorter a chunk than `even` would give it: cut to a
+            # K-th of the work left, a 539-token prompt ran in 11 chunks,
             # 269, 134, 67, ..., 1, one pipeline pass each, and waited for its first token.
             fit = self.step_cost
             limit = fit.split(fit.predict_features(*self._round()), K)
-            sched = self.scheduler.schedule(cost=fit.predict, cost_limit=limit,
-                                            min_chunk=max(self.config.max_num_batched_tokens // K, 1))
+            sched = self.scheduler.schedule(cost=fit.predict, cost_limit=limit, min_chunk=even)
         else:
             # Each microbatch takes an even share of the running sequences and of the budget.
-            budget = max(self.config.max_num_batched_tokens // K, 1)
             share = max(math.ceil(len(self.scheduler.running) / K), 1) if K > 1 else None
-            sched = self.scheduler.schedule(budget=budget, max_running=share)
+            sched = self.scheduler.schedule(budget=even, max_running=share)
         now = self.clock.wall()
         for seq in sched.preempted:
             kind = "swap_out" if seq.status is SeqStatus.SWAPPED else "preemption"

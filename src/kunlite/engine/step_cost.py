@@ -146,8 +146,9 @@ def nnls(a: np.ndarray, b: np.ndarray, max_iter: int | None = None) -> np.ndarra
     b = np.asarray(b, dtype=np.float64)
     m, n = a.shape
     norms = np.linalg.norm(a, axis=0)
-    live = (norms > 0).tolist()
-    scale = np.where(norms > 0, norms, 1.0)
+    positive = norms > 0  # (n,)
+    live = positive.tolist()
+    scale = np.where(positive, norms, 1.0)
     s = a / scale  # (m, n) unit-norm columns (zero columns stay zero)
     tol = 10 * np.finfo(np.float64).eps * max(m, n) * max(float(np.linalg.norm(b)), 1.0)
     # The n-vectors are Python floats (the same IEEE operations as numpy's, elementwise);

@@ -163,9 +163,7 @@ class AnalyticStepCost:
         """(FLOPs, bytes) of the linear layers, the attention and the ends, flattened (numbers,
         or arrays for decode_steps_seconds): `_work` without the dataclasses."""
         cfg, e = self.model, self.elem_bytes
-        l0, l1 = layers
-        if not 0 <= l0 < l1 <= cfg.num_layers:
-            raise ValueError(f"layer range {layers} is not inside [0, {cfg.num_layers})")
+        l0, l1 = self._check(layers)
         n = l1 - l0
         h, inter = cfg.hidden_size, cfg.intermediate_size
         act = 4 * h + cfg.qkv_size + cfg.q_size + 3 * inter
@@ -205,7 +203,6 @@ class AnalyticStepCost:
         this of every stage of every step it runs ahead)."""
         k = self._decode_consts.get(layers)
         if k is None:
-            self._terms(1, 1, 1, 1, layers)  # checks the range
             k = self._decode_consts[layers] = self._layer_consts(layers)
         n_l, lf, act, af, first, last, h, e, v, kvs, head_dim, heads = k
         n = num_seqs
@@ -229,12 +226,18 @@ class AnalyticStepCost:
     def _layer_consts(self, layers: tuple[int, int]) -> tuple[Any, ...]:
         """What `_terms` computes from the layers alone, for decode_step_seconds."""
         cfg, e = self.model, self.elem_bytes
-        l0, l1 = layers
+        l0, l1 = self._check(layers)
         n = l1 - l0
         h = cfg.hidden_size
         act = 4 * h + cfg.qkv_size + cfg.q_size + 3 * cfg.intermediate_size
         return (n, n * 2.0 * self._layer_params, act, n * 4.0, l0 == 0, l1 == cfg.num_layers, h, e, cfg.vocab_size,
                 cfg.kv_size, cfg.head_dim, cfg.num_heads)
+
+    def _check(self, layers: tuple[int, int]) -> tuple[int, int]:
+        l0, l1 = layers
+        if not 0 <= l0 < l1 <= self.model.num_layers:
+            raise ValueError(f"layer range {layers} is not inside [0, {self.model.num_layers})")
+        return l0, l1
 
     def _seconds(self, terms: tuple[float, ...]) -> float:
         """Each class's Work.seconds, added up, plus the step overhead."""
