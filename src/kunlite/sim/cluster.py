@@ -225,6 +225,7 @@ class SimCluster(FastForward, Cluster):
         self._cut_if_throttled()
 
     def step(self, timeout_s: float = 0.0, wake_fd: int | None = None) -> list[RequestOutput]:
+        self._extend_windows()  # (the simulation loop moves the horizon on after each arrival)
         out = super().step(timeout_s, wake_fd)
         self._cut_if_throttled()  # the trigger looks again at the next event, whoever's it is
         out += self.outputs_pending  # of the steps a cut committed

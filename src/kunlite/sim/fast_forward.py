@@ -19,8 +19,10 @@ overload policy watches (recompute or swap preemption: the `pp2` baseline): each
 of a window are one flight, planned when its step in flight commits; before any commit of the
 instance, the other streams' steps done by then commit and the cost fit sees the window's
 commits before it, so that a plan the window did not foresee finds the instance as the
-step-by-step run has it. An arrival to the instance cuts every stream at its step in progress;
-a window plans nothing from the next arrival on.
+step-by-step run has it. A window plans nothing from the next arrival on until the request
+has gone to another instance (`_extend_windows`: then it plans on to the arrival after, and
+its flights in flight grow by their new steps); an arrival to the instance cuts every stream
+at its step in progress.
 
 `FastForward` is `SimCluster`'s half that does it: it plans flights (`_plan_all`), cuts them,
 and shows the dispatcher their KV as the step-by-step run holds it (`loads`).
@@ -127,7 +129,7 @@ class FastForward:
         # a pipeline's step in flight -> (when it ends, its slowest stage so far, the rank it ends on)
         self._step_info: dict[int, tuple[float, float, int]] = {}
         self._changed = True  # a request, an event or a cut since the last _plan_all
-        self.horizon = math.inf  # when the next request arrives (the simulation loop says): windows end there
+        self.horizon = math.inf  # when the next request arrives (the simulation loop says): windows pause there
 
     def _plan_all(self, outputs: list[RequestOutput]) -> None:
         if not self._changed and self.elastic is None and self.migrator is None:
@@ -323,6 +325,43 @@ class FastForward:
         self._windows[inst.id] = new
         self._busy.update(new.busy)
         self._fly(inst, new, 0)
+
+    def _extend_windows(self) -> None:
+        """Windows paused at an arrival that went to another instance plan on to the next one
+        (before any event from that arrival on is delivered: the first of them may be the
+        commit a window paused at)."""
+        for iid, win in self._windows.items():
+            if win.resume is None or win.horizon >= self.horizon:
+                continue
+            inst = self.instances[iid]
+            assert _head(inst) == (None, None), "a request came to the instance: its window was cut"
+            old = win.final
+            win.extend(self.horizon)
+            win.final = [len(u.steps) - 1 for u in win.streams]
+            for u, step_id in win.flights.items():
+                if win.final[u] > old[u] and step_id in self._ff:
+                    self._grow(inst, win, u, self._ff[step_id], old[u])
+            self._busy.update(win.busy)
+
+    def _grow(self, inst: Instance, win: Window, u: int, ff: Flight, old: int) -> None:
+        """Stream u's flight in flight (its window steps up to `old`) takes its steps after
+        `old` too: their KV, their ends, its StageDone at the new last one."""
+        steps = win.streams[u].steps[old + 1:win.final[u] + 1]
+        k = len(steps)
+        flight = inst.flights[ff.event.msg.step_id]  # type: ignore[union-attr]
+        assert flight.repeat == len(ff.ends)
+        for s, _ in flight.sched.scheduled:
+            inst.kv.allocate(s.seq_id, s.num_computed_tokens + flight.repeat + k)
+        flight.repeat += k
+        flight.shape = [(n, c + k) for n, c in flight.shape]  # its last step's
+        ff.ends += [st.ends[-1] for st in steps]
+        ff.seconds += [st.seconds[-1] for st in steps]
+        assert ff.slow_other is not None and ff.stage_sum is not None and ff.event is not None
+        ff.slow_other += [max(st.seconds[:-1]) for st in steps]
+        ff.stage_sum += [sum(st.seconds) for st in steps]
+        ff.event.cancelled = True
+        ff.event = self._at(ff.ends[-1], ff.rank, msgspec.structs.replace(ff.event.msg, seconds=ff.last_seconds()))
+        self.ff_stats["steps"] += k
 
     def _fly(self, inst: Instance, win: Window, u: int) -> None:
         """Plan stream u's window steps as one flight, now."""

@@ -17,7 +17,10 @@ counted, and its stages timed as `SimCluster._stage` times them (a device runs i
 the order they were planned; a stage after the first waits for the previous one's activations
 over the link). When a slot's plan takes other sequences than its last, a new stream follows
 the old one in that slot. The window ends at the first commit after which a sequence would
-end, the KV would run out, a stream has FAST_FORWARD_STEPS steps, or at the next arrival. Each
+end, the KV would run out, or a stream has FAST_FORWARD_STEPS steps. It pauses at the first
+commit from the next arrival on (the request may come to this instance, and its next plan
+take it); if the request goes to another instance, it resumes up to the arrival after
+(`Window.extend`), its streams' flights growing by the steps planned since. Each
 stream's window steps become one flight, planned (and checked against the real scheduler) when
 the step it follows commits; the observations of the cost fit are replayed in commit
 order with the weights found here (`OnlineStepCost.observe_features(fitted=)`).
@@ -25,6 +28,8 @@ order with the weights found here (`OnlineStepCost.observe_features(fitted=)`).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +78,18 @@ class Window:
     flights: dict[int, int] = field(default_factory=dict)  # stream -> step id of its flight, once planned
     applied: int = 0  # observations replayed (or left to a commit) so far
     live: int = 0  # flights planned and not yet committed to their end
+    horizon: float = math.inf  # it paused at its first commit from here on (an arrival)
+    resume: Generator[None, float, None] | None = None  # its planning, paused there (None: it ended)
+
+    def extend(self, horizon: float) -> None:
+        """The arrival at `self.horizon` went to another instance: plan on, up to the first
+        commit from `horizon` on. Streams get more window steps (`final` is the caller's)."""
+        assert self.resume is not None and horizon > self.horizon
+        self.horizon = horizon
+        try:
+            self.resume.send(horizon)
+        except StopIteration:
+            self.resume = None
 
     def pending(self) -> list[int]:
         """The streams whose window steps are still to be planned (when their step in flight
@@ -138,8 +155,9 @@ def plan_window(inst: Instance, now: float, in_flight: list[Stream], left: list[
                 cost: Any, link_seconds: Any, token_bytes: int, max_steps: int, horizon: float) -> Window | None:
     """The window of a pipeline instance that plans a microbatch now, with `in_flight` its
     streams in flight (each at its last step); `left[i]`: commits until running sequence i ends.
-    Nothing is planned from `horizon` on (the next arrival, which may cut the window). None if
-    the planning stream would not get two steps or the window fewer than 2K."""
+    Nothing is planned from `horizon` on (the next arrival) until `Window.extend` says that it
+    went to another instance. None if the window would get fewer than 2K steps before it
+    ends or pauses."""
     sched, cfg = inst.scheduler, inst.config
     K = inst.num_stages
     running = sched.running
@@ -206,36 +224,50 @@ def plan_window(inst: Instance, now: float, in_flight: list[Stream], left: list[
 
     plan(streams[0], now)
     observations: list[Observation] = []
-    active = list(range(len(streams)))  # the stream of each microbatch slot now
-    while True:
-        ui = active[0]
-        for k in active:  # the first of the earliest, as min()
-            if streams[k].commit < streams[ui].commit:
-                ui = k
-        u = streams[ui]
-        t = u.commit
-        stop = t >= horizon  # a request may come
-        for i in u.positions:
-            ctx[i] += 1
-            left[i] -= 1
-            busy_seq[i] = False
-            stop |= left[i] <= 0  # it ends: the next plan takes others
-        ctx_sum += len(u.positions)
-        fit.observe_features(u.features, u.slowest)
-        observations.append(Observation(t, u.features, u.slowest, fit.weights, ui, len(u.steps) - 1))
-        if stop:
-            break
-        shares.refresh(u.positions)
-        choice = shares.choice(ctx_sum, busy_seq, seats, budget)
-        if choice != u.positions:  # the slot takes other sequences from now on: a stream of its own
-            if len(active) < K and n - sum(busy_seq) > len(choice):
-                break  # and another microbatch would be planned at once
-            streams.append(Stream([running[i].seq_id for i in choice], choice, 0.0, (0, 0, 0, 1), 0.0, None,
-                                  prev=ui))
-            active[active.index(ui)] = ui = len(streams) - 1
+
+    def advance() -> Generator[None, float, None]:
+        """Commit by commit, in time order, until the window ends (returns); at a commit from
+        the horizon on it pauses (yields) until it is sent a later horizon."""
+        nonlocal ctx_sum, horizon
+        active = list(range(len(streams)))  # the stream of each microbatch slot now
+        while True:
+            ui = active[0]
+            for k in active:  # the first of the earliest, as min()
+                if streams[k].commit < streams[ui].commit:
+                    ui = k
             u = streams[ui]
-        if not plan(u, t):
-            break
+            t = u.commit
+            ends = False
+            for i in u.positions:
+                ctx[i] += 1
+                left[i] -= 1
+                busy_seq[i] = False
+                ends |= left[i] <= 0  # it ends: the next plan takes others
+            ctx_sum += len(u.positions)
+            fit.observe_features(u.features, u.slowest)
+            observations.append(Observation(t, u.features, u.slowest, fit.weights, ui, len(u.steps) - 1))
+            if ends:
+                return
+            while t >= horizon:  # a request may come to this instance, and this plan take it
+                horizon = yield
+            shares.refresh(u.positions)
+            choice = shares.choice(ctx_sum, busy_seq, seats, budget)
+            if choice != u.positions:  # the slot takes other sequences from now on: a stream of its own
+                if len(active) < K and n - sum(busy_seq) > len(choice):
+                    return  # and another microbatch would be planned at once
+                streams.append(Stream([running[i].seq_id for i in choice], choice, 0.0, (0, 0, 0, 1), 0.0, None,
+                                      prev=ui))
+                active[active.index(ui)] = ui = len(streams) - 1
+                u = streams[ui]
+            if not plan(u, t):
+                return
+
+    resume: Generator[None, float, None] | None = advance()
+    try:
+        next(resume)  # type: ignore[arg-type]
+    except StopIteration:
+        resume = None
     if sum(len(u.steps) for u in streams) < 2 * K:
         return None
-    return Window(inst.id, streams, observations, busy, [len(u.steps) - 1 for u in streams])
+    return Window(inst.id, streams, observations, busy, [len(u.steps) - 1 for u in streams], horizon=horizon,
+                  resume=resume)
