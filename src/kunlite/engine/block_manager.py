@@ -305,16 +305,14 @@ class BlockManager:
         if table is None:
             raise BlockManagerError(f"free of unknown sequence {seq_id!r}")
         self._seq_hashes.pop(seq_id, None)
-        for b in reversed(table):
-            self._release(b)
+        self._release_all(table[::-1])
 
     def shrink(self, seq_id: str, num_tokens: int) -> None:
         """Release the blocks past the first num_tokens tokens (KV allocated ahead and not
         used: the simulator's fast-forward cut short)."""
         table = self._table(seq_id)
         keep = -(-num_tokens // self.page_size)
-        for b in reversed(table[keep:]):
-            self._release(b)
+        self._release_all(table[keep:][::-1])
         del table[keep:]
 
     def rename(self, old: str, new: str) -> None:
@@ -486,6 +484,24 @@ class BlockManager:
             if not self._current(b):
                 self._dissolve(b)  # nobody can use a block of another range
                 self._regroup()
+
+    def _release_all(self, blocks: list[int]) -> None:
+        """_release each block, in this order. Their ranges are read at once: releasing one
+        block changes no other's while it is still referenced."""
+        if not blocks:
+            return
+        lo0, hi0 = self.layers
+        ref, free = self._ref, self._free
+        for b, (lo, hi) in zip(blocks, self.block_range[blocks].tolist()):
+            if ref[b] <= 0:
+                raise BlockManagerError(f"double free of block {b}")
+            ref[b] -= 1
+            if ref[b] == 0:
+                free[b] = None
+                self._used_page_count -= hi - lo
+                if lo != lo0 or hi != hi0:
+                    self._dissolve(b)  # nobody can use a block of another range
+                    self._regroup()
 
     def _current(self, b: int) -> bool:
         """Whether block b covers exactly the current layer range."""

@@ -85,7 +85,13 @@ class GroupKV:
 
     def holds(self, seq_id: str, num_tokens: int) -> bool:
         """Whether every member that holds the sequence (one at least) holds num_tokens tokens of it."""
-        return all(self.members[i].holds(seq_id, num_tokens) for i in self._holding(seq_id))
+        held = False
+        for m in self.members:
+            if seq_id in m.tables:
+                if not m.holds(seq_id, num_tokens):
+                    return False
+                held = True
+        return held
 
     def can_allocate(self, seq_id: str, num_tokens: int, computed: MemberBlocks | Sequence[int] = (),
                      extra_blocks: int = 0) -> bool:

@@ -143,14 +143,17 @@ class Scheduler:
         def share(n: int, context: int) -> float:
             return cost([(n, context)]) - base if cost is not None else 0.0
 
-        def add(n: int, context: int) -> None:
+        def add(n: int, context: int, cost_of: float | None = None) -> None:
+            """`cost_of`: share(n, context), if known."""
             shape.append((n, context))
-            spent[0] += share(n, context)
+            spent[0] += share(n, context) if cost_of is None else cost_of
 
-        def affordable(n: int, context: int) -> int:
+        def affordable(n: int, context: int, cost_of: float | None = None) -> int:
             """How many of n new tokens fit under the cost limit (all of them without a limit or
-            in an empty step; a prompt's chunk is cut, with chunked prefill; 0: none fit)."""
-            if cost is None or cost_limit is None or not shape or spent[0] + share(n, context) <= cost_limit:
+            in an empty step; a prompt's chunk is cut, with chunked prefill; 0: none fit).
+            `cost_of`: share(n, context), if known."""
+            if cost is None or cost_limit is None or not shape or \
+                    spent[0] + (share(n, context) if cost_of is None else cost_of) <= cost_limit:
                 return n
             if not chunked:
                 return 0
@@ -172,17 +175,17 @@ class Scheduler:
             n = min(seq.num_uncomputed, budget) if chunked else seq.num_uncomputed
             if n > budget:
                 continue
-            fits = affordable(n, seq.num_computed_tokens)
+            whole = share(n, seq.num_computed_tokens) if cost is not None else 0.0  # costed once if it all fits
+            fits = affordable(n, seq.num_computed_tokens, whole)
             if n > 1 and chunked:
                 fits = max(fits, min(n, min_chunk))
             if fits == 0:
                 break  # the microbatch is full
-            n = fits
-            if not self._make_room(seq, n, out):
+            if not self._make_room(seq, fits, out):
                 continue
-            out.scheduled.append((seq, n))
-            add(n, seq.num_computed_tokens)
-            budget -= n
+            out.scheduled.append((seq, fits))
+            add(fits, seq.num_computed_tokens, whole if fits == n else None)
+            budget -= fits
 
         # 2. Swapped-out sequences come back (into fresh blocks, their KV copied in) before any
         #    new sequence is admitted; none in a step that preempted.

@@ -64,7 +64,7 @@ def simulate(options: EngineOptions, hardware: SimHardware, trace: list[TraceReq
     records = [RequestRecord(i, r.arrival, r.prompt_tokens, r.output_tokens) for i, r in enumerate(reqs)]
     first: dict[int, float] = {}
     last: dict[int, float] = {}
-    itl: dict[int, list[float]] = {}
+    times: dict[int, list[float]] = {}  # when each token came, until the request ends
     count: dict[int, int] = {}
     vocab = c.config.model.vocab_size
     watching = c.elastic is not None or c.migrator is not None
@@ -94,13 +94,15 @@ def simulate(options: EngineOptions, hardware: SimHardware, trace: list[TraceReq
             k = int(o.request_id)
             if o.new_token_ids:
                 # A fast-forward's output holds several tokens; each came at its own step's end.
-                ts = [x + egress for x in c.token_times.pop(id(o), None) or [now]]
-                if k not in first:
-                    first[k] = last[k] = ts[0]
-                    ts = ts[1:]
-                if ts:  # the gap before each token
-                    itl.setdefault(k, []).extend([b - a for a, b in zip([last[k]] + ts[:-1], ts)])
-                    last[k] = ts[-1]
+                ts = c.token_times.pop(id(o), None) or [now]
+                if egress:
+                    ts = [x + egress for x in ts]
+                got = times.get(k)
+                if got is None:
+                    times[k] = got = []
+                    first[k] = ts[0]
+                got += ts
+                last[k] = ts[-1]
                 count[k] = count.get(k, 0) + len(o.new_token_ids)
             if o.finish_reason is not None:
                 rec = records[k]
@@ -109,7 +111,8 @@ def simulate(options: EngineOptions, hardware: SimHardware, trace: list[TraceReq
                     rec.status, rec.error = FAILED, "the device failed"
                 else:
                     rec.status, rec.ttft, rec.e2e = OK, first[k] - rec.arrival, rec.end - rec.arrival
-                    rec.itl, rec.output_tokens = itl.get(k, []), count.get(k, 0)
+                    ts = times.pop(k, [])
+                    rec.itl, rec.output_tokens = [b - a for a, b in zip(ts, ts[1:])], count.get(k, 0)  # each token's gap
         events += [(e.time, e.kind, e.instance) for e in c.take_events()]
         if now >= next_sample:
             timeline.append((now, _devices(c)))
