@@ -42,7 +42,7 @@ def test_the_online_model_fits_its_latest_samples_oldest_first() -> None:
     want = fit_feature_weights(np.array([f for f, _ in last], dtype=np.float64), [s for _, s in last])
     assert model.weights == want
     assert twin.weights == then != model.weights  # the copy saw none of the later samples
-    assert len(twin._x) == 16 and twin._next == 31 % 16
+    assert twin._count == 16 and twin._next == 31 % 16
 
 
 def test_a_cost_limit_cuts_a_prompt_to_what_fits_but_always_takes_one() -> None:

@@ -34,11 +34,16 @@ class OnlineStepCost:
     min_samples: int = 12
     weights: StepCostWeights | None = None
     _since_fit: int = 0
-    # The samples, a ring of Python lists (cheaper to write one by one than numpy rows): the
-    # i-th oldest of the len(_x) kept is row (_next + i) % keep once the ring is full
-    _x: list[tuple[int, int, int, int]] = field(default_factory=list, repr=False)  # step_features
-    _y: list[float] = field(default_factory=list, repr=False)  # seconds
+    # The samples, a ring: the i-th oldest of the _count kept is row (_next - _count + i) % keep
+    _x: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]  # (keep, 4) step_features
+    _y: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]  # (keep,) seconds
+    _count: int = 0
     _next: int = 0
+
+    def __post_init__(self) -> None:
+        if self._x is None:
+            self._x = np.zeros((self.keep, 4), dtype=np.float64)  # (keep, 4)
+            self._y = np.zeros(self.keep, dtype=np.float64)  # (keep,)
 
     def observe(self, batch: Batch, seconds: float) -> None:
         if batch:
@@ -50,26 +55,25 @@ class OnlineStepCost:
         gives (the simulator replays steps whose fit it has computed already)."""
         if seconds <= 0:
             return
-        xs, ys = self._x, self._y
-        if len(xs) < self.keep:
-            xs.append(features)
-            ys.append(seconds)
-        else:
-            xs[self._next], ys[self._next] = features, seconds
-            self._next = (self._next + 1) % self.keep
+        self._x[self._next] = features
+        self._y[self._next] = seconds
+        self._next = (self._next + 1) % self.keep
+        self._count = min(self._count + 1, self.keep)
         self._since_fit += 1
-        if len(xs) >= self.min_samples and (self.weights is None or self._since_fit >= self.refit_every):
+        if self._count >= self.min_samples and (self.weights is None or self._since_fit >= self.refit_every):
             if fitted is None:
-                k = self._next  # oldest first
-                x = np.array(xs[k:] + xs[:k], dtype=np.float64)  # (n, 4)
-                y = np.array(ys[k:] + ys[:k], dtype=np.float64)  # (n,)
+                if self._count < self.keep:
+                    x, y = self._x[:self._count], self._y[:self._count]  # (n, 4), (n,) oldest first
+                else:
+                    x = np.concatenate((self._x[self._next:], self._x[:self._next]))
+                    y = np.concatenate((self._y[self._next:], self._y[:self._next]))
                 fitted = fit_feature_weights(x, y)
             self.weights = fitted
             self._since_fit = 0
 
     def copy(self) -> "OnlineStepCost":
         return OnlineStepCost(self.keep, self.refit_every, self.min_samples, self.weights, self._since_fit,
-                              list(self._x), list(self._y), self._next)
+                              self._x.copy(), self._y.copy(), self._count, self._next)
 
     def share(self, batch: Batch, parts: int) -> float:
         """The cost of one of `parts` microbatches that split `batch`."""
