@@ -109,8 +109,8 @@ class BlockManager:
         return self.layers[1] - self.layers[0]
 
     def width(self, b: int) -> int:
-        lo, hi = self.block_range[b]
-        return int(hi - lo)
+        lo, hi = self.block_range[b].tolist()
+        return hi - lo
 
     def pages_of(self, b: int) -> list[tuple[int, int]]:
         """(global layer, page) of every page of block b."""
@@ -279,8 +279,8 @@ class BlockManager:
         table = self.tables.get(seq_id)
         if not table:
             return self.layers
-        lo, hi = self.block_range[table[-1]]
-        return int(lo), int(hi)
+        lo, hi = self.block_range[table[-1]].tolist()
+        return lo, hi
 
     def _new_block(self, rng: tuple[int, int]) -> int:
         """A used block of a range other than the current one, from spare pages (dissolving the
@@ -505,7 +505,8 @@ class BlockManager:
 
     def _current(self, b: int) -> bool:
         """Whether block b covers exactly the current layer range."""
-        return int(self.block_range[b, 0]) == self.layers[0] and int(self.block_range[b, 1]) == self.layers[1]
+        lo, hi = self.block_range[b].tolist()
+        return lo == self.layers[0] and hi == self.layers[1]
 
     def _evict_hash(self, b: int) -> None:
         h = self._hash.pop(b, None)

@@ -145,12 +145,13 @@ def nnls(a: np.ndarray, b: np.ndarray, max_iter: int | None = None) -> np.ndarra
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     m, n = a.shape
-    norms = np.linalg.norm(a, axis=0)
+    norms = np.sqrt(np.add.reduce(a * a, axis=0))  # (n,) np.linalg.norm(a, axis=0), its operations
     positive = norms > 0  # (n,)
     live = positive.tolist()
     scale = np.where(positive, norms, 1.0)
     s = a / scale  # (m, n) unit-norm columns (zero columns stay zero)
-    tol = 10 * np.finfo(np.float64).eps * max(m, n) * max(float(np.linalg.norm(b)), 1.0)
+    tol = 10 * _EPS * max(m, n) * max(math.sqrt(float(np.dot(b, b))), 1.0)  # as with np.linalg.norm(b)
+    rhs = b[:, None]  # (m, 1)
     # The n-vectors are Python floats (the same IEEE operations as numpy's, elementwise);
     # the (m, n) products and the least squares stay numpy's.
     x = [0.0] * n
@@ -164,7 +165,7 @@ def nnls(a: np.ndarray, b: np.ndarray, max_iter: int | None = None) -> np.ndarra
         for _ in range(n):  # each pass that does not finish drops at least one passive entry
             cols = [j for j in range(n) if passive[j]]
             z = [0.0] * n
-            for j, v in zip(cols, np.linalg.lstsq(s[:, cols], b, rcond=None)[0].tolist()):
+            for j, v in zip(cols, _lstsq(s[:, cols], rhs)):
                 z[j] = v
             if all(z[j] > 0 for j in cols):
                 x = z
@@ -176,6 +177,31 @@ def nnls(a: np.ndarray, b: np.ndarray, max_iter: int | None = None) -> np.ndarra
             passive = [p and xj > tol for p, xj in zip(passive, x)]
             x = [xj if p else 0.0 for p, xj in zip(passive, x)]
     return np.maximum(np.array(x), 0.0) / scale
+
+
+_EPS = float(np.finfo(np.float64).eps)
+
+
+def _lstsq(a: np.ndarray, b: np.ndarray) -> list[float]:
+    """np.linalg.lstsq(a, b[:, 0], rcond=None)[0] of a float64 (m, k) a and (m, 1) b: the
+    same LAPACK call (gelsd) on the same arrays, without the wrapper's checks and copies
+    (three of them in a refit of a pipeline's cost fit, thousands in a simulated hour)."""
+    if _umath_lstsq is None:
+        return np.linalg.lstsq(a, b[:, 0], rcond=None)[0].tolist()
+    m, k = a.shape
+    with np.errstate(call=_lstsq_failed, invalid="call", over="ignore", divide="ignore", under="ignore"):
+        x = _umath_lstsq(a, b, _EPS * max(m, k), signature="ddd->ddid")[0]  # (k, 1)
+    return x[:, 0].tolist()
+
+
+def _lstsq_failed(err: str, flag: int) -> None:
+    raise np.linalg.LinAlgError("SVD did not converge in Linear Least Squares")
+
+
+try:  # numpy's own kernel behind np.linalg.lstsq (numpy 1.x and 2.x)
+    from numpy.linalg._umath_linalg import lstsq as _umath_lstsq  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover
+    _umath_lstsq = None
 
 
 def fit_weights(batches: Sequence[Batch], seconds: Sequence[float], *, relative: bool = True,

@@ -126,8 +126,16 @@ class Shares:
             self.weights, self.base = fit.weights, fit.predict_features(0, 0, 0)
             grown = range(len(ctx))  # type: ignore[assignment]
             self.shares = [0.0] * len(ctx)
+        shares, base, w = self.shares, self.base, self.weights
+        if w is None:  # a sequence's worth per step
+            for i in grown:
+                shares[i] = fit.predict_features(1, ctx[i] + 1, 1) - base
+            return
+        # fit.predict_features(1, ctx + 1, 1) - base: StepCostWeights.predict_features's
+        # operations in its order (x * 1 is x), without two calls per sequence
+        pt, pa, pq, p0 = w.per_token, w.per_attention_pair, w.per_sequence, w.per_step
         for i in grown:
-            self.shares[i] = fit.predict_features(1, ctx[i] + 1, 1) - self.base
+            shares[i] = pt + pa * (ctx[i] + 1) + pq + p0 - base
 
     def choice(self, ctx_sum: int, in_flight: list[bool], seats: int, budget: int) -> list[int]:
         """The running positions the scheduler takes for the microbatch (contexts summing to
@@ -137,17 +145,20 @@ class Shares:
         n, fit = len(self.ctx), self.fit
         limit = fit.split(fit.predict_features(n, ctx_sum + n, n), self.stages)
         out: list[int] = []
-        spent = self.base
-        for i, share in enumerate(self.shares):
-            if budget <= 0 or len(out) >= seats:
-                break
-            if in_flight[i]:
+        take = min(seats, budget)  # each one takes a seat and a token of the budget
+        if take <= 0:
+            return out
+        spent, shares = self.base, self.shares
+        for i, busy in enumerate(in_flight):
+            if busy:
                 continue
+            share = shares[i]
             if out and not spent + share <= limit:
                 break
             out.append(i)
             spent += share
-            budget -= 1
+            if len(out) == take:
+                break
         return out
 
 
@@ -165,7 +176,7 @@ def plan_window(inst: Instance, now: float, in_flight: list[Stream], left: list[
     kv = inst.members[0].kv
     ps = kv.page_size
     ctx = [s.num_computed_tokens for s in running]
-    held = [len(kv.tables[s.seq_id]) for s in running]  # blocks, alike on every member
+    cap = [len(kv.tables[s.seq_id]) * ps for s in running]  # tokens their blocks hold, alike on every member
     free = inst.kv.num_free_blocks
     busy_seq = [False] * n
     for u in in_flight:
@@ -192,29 +203,34 @@ def plan_window(inst: Instance, now: float, in_flight: list[Stream], left: list[
         if j >= max_steps:
             return False
         add = c = 0
-        for i in u.positions:
-            add += max(-(-(ctx[i] + 1) // ps) - held[i], 0)  # blocks for its next token
-            c += ctx[i]  # its contexts now: c0 + m * j
+        pos = u.positions
+        for i in pos:  # (a failed plan ends the window: what it marks busy is not read again)
+            x = ctx[i]
+            c += x  # its contexts now: c0 + m * j
+            if x >= cap[i]:  # its next token takes a block (one: its blocks hold its computed tokens)
+                add += 1
+            busy_seq[i] = True
         if used + add > free:
             return False  # the step-by-step run would preempt here
         used += add
         if add:
-            for i in u.positions:
-                held[i] = max(held[i], -(-(ctx[i] + 1) // ps))
-        for i in u.positions:
-            busy_seq[i] = True
-        m = len(u.positions)
+            for i in pos:
+                if ctx[i] >= cap[i]:
+                    cap[i] += ps
+        m = len(pos)
         if j == 0:
             u.hidden_seconds = link_seconds(m * token_bytes)
         if one is not None:
             secs = [one(m, c, lay) for lay in layers]
         else:
-            secs = [cost.step_seconds([(1, ctx[i]) for i in u.positions], lay) for lay in layers]
-        ends, prev = [], 0.0
+            secs = [cost.step_seconds([(1, ctx[i]) for i in pos], lay) for lay in layers]
+        ends, prev, hidden = [], 0.0, u.hidden_seconds
         for s, r in enumerate(ranks):  # as SimCluster._stage times each stage's work
-            start = max(t, busy[r])
-            if s:
-                start = max(start, prev + u.hidden_seconds)
+            start = busy[r]
+            if t >= start:
+                start = t
+            if s and prev + hidden > start:
+                start = prev + hidden
             prev = start + secs[s]
             busy[r] = prev
             ends.append(prev)
@@ -242,7 +258,8 @@ def plan_window(inst: Instance, now: float, in_flight: list[Stream], left: list[
                 ctx[i] += 1
                 left[i] -= 1
                 busy_seq[i] = False
-                ends |= left[i] <= 0  # it ends: the next plan takes others
+                if left[i] <= 0:  # it ends: the next plan takes others
+                    ends = True
             ctx_sum += len(u.positions)
             fit.observe_features(u.features, u.slowest)
             observations.append(Observation(t, u.features, u.slowest, fit.weights, ui, len(u.steps) - 1))
