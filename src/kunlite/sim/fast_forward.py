@@ -369,7 +369,8 @@ class FastForward:
         steps = stream.steps[:win.final[u] + 1]
         k = len(steps)
         assert self.clock.now() == steps[0].time, (self.clock.now(), steps[0].time)
-        seqs = [inst.scheduler.running[i] for i in stream.positions]
+        running = {s.seq_id: s for s in inst.scheduler.running}  # (sequences ended since the window began)
+        seqs = [running[i] for i in stream.seq_ids]
         for s in seqs:
             inst.kv.allocate(s.seq_id, s.num_computed_tokens + k)
         computed = np.array([s.num_computed_tokens for s in seqs], dtype=np.int64)  # (B,)

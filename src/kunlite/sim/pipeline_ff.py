@@ -16,8 +16,11 @@ as they then are (`Shares.choice`, the scheduler's rule for a round of decodes),
 counted, and its stages timed as `SimCluster._stage` times them (a device runs its stages in
 the order they were planned; a stage after the first waits for the previous one's activations
 over the link). When a slot's plan takes other sequences than its last, a new stream follows
-the old one in that slot. The window ends at the first commit after which a sequence would
-end, the KV would run out, or a stream has FAST_FORWARD_STEPS steps. It pauses at the first
+the old one in that slot; so does one when a sequence of its stream ends (its last token
+commits; it leaves the running sequences, and the round, there). The window ends at the
+first commit after which the KV would run out (counting none that ending sequences free: a
+flight takes its KV when it is planned), a stream would have FAST_FORWARD_STEPS steps, a
+slot would have nothing to run, or another microbatch would be planned at once. It pauses at the first
 commit from the next arrival on (the request may come to this instance, and its next plan
 take it); if the request goes to another instance, it resumes up to the arrival after
 (`Window.extend`), its streams' flights growing by the steps planned since. Each
@@ -48,7 +51,7 @@ class Step:
 @dataclass(slots=True)
 class Stream:
     seq_ids: list[str]  # its sequences, in running order
-    positions: list[int]  # their places in the scheduler's running list
+    positions: list[int]  # their places in the scheduler's running list at the window's start
     commit: float  # when its step in flight commits
     features: tuple[int, int, int, int]  # that step's step_features (what the commit observes)
     slowest: float  # that step's slowest stage
@@ -110,11 +113,12 @@ class Shares:
     """What `Scheduler.schedule(cost=fit.predict, cost_limit=...)` weighs for a pipeline's
     microbatch when every running sequence decodes: each one's share of a step's cost (one new
     token on its context), the per-step base, and the limit (a `stages`-th of the round's:
-    `Instance._round` when every running sequence decodes). The scheduler's floats: a share
-    is recomputed when its context grows or the fit is refitted."""
+    `Instance._round` when every running sequence decodes; `live` of them run still). The
+    scheduler's floats: a share is recomputed when its context grows or the fit is refitted."""
 
     def __init__(self, fit: OnlineStepCost, ctx: list[int], stages: int) -> None:
         self.fit, self.ctx, self.stages = fit, ctx, stages
+        self.live = len(ctx)
         self.weights: StepCostWeights | None = None
         self.shares: list[float] = []
         self.base = 0.0
@@ -138,11 +142,11 @@ class Shares:
             shares[i] = pt + pa * (ctx[i] + 1) + pq + p0 - base
 
     def choice(self, ctx_sum: int, in_flight: list[bool], seats: int, budget: int) -> list[int]:
-        """The running positions the scheduler takes for the microbatch (contexts summing to
-        ctx_sum): the oldest not in flight, while the cost spent so far plus the next one's
+        """The running positions the scheduler takes for the microbatch (the live ones'
+        contexts summing to ctx_sum): the oldest not in flight (nor ended), while the cost spent so far plus the next one's
         share stays within the limit (the first always), within the seats and the token
         budget. The same floats as the scheduler's, in the same order."""
-        n, fit = len(self.ctx), self.fit
+        n, fit = self.live, self.fit
         limit = fit.split(fit.predict_features(n, ctx_sum + n, n), self.stages)
         out: list[int] = []
         take = min(seats, budget)  # each one takes a seat and a token of the budget
@@ -171,7 +175,7 @@ def plan_window(inst: Instance, now: float, in_flight: list[Stream], left: list[
     ends or pauses."""
     sched, cfg = inst.scheduler, inst.config
     K = inst.num_stages
-    running = sched.running
+    running = list(sched.running)  # as the window began (ending sequences leave the scheduler's)
     n = len(running)  # (decode_only: within the seats and the budget, so the round holds every decode)
     kv = inst.members[0].kv
     ps = kv.page_size
@@ -253,22 +257,25 @@ def plan_window(inst: Instance, now: float, in_flight: list[Stream], left: list[
                     ui = k
             u = streams[ui]
             t = u.commit
-            ends = False
+            ended = 0
             for i in u.positions:
                 ctx[i] += 1
                 left[i] -= 1
-                busy_seq[i] = False
-                if left[i] <= 0:  # it ends: the next plan takes others
-                    ends = True
+                if left[i] > 0:
+                    busy_seq[i] = False
+                else:  # its last token: it leaves the running sequences (in flight for good, here)
+                    ctx_sum -= ctx[i]
+                    ended += 1
             ctx_sum += len(u.positions)
+            shares.live -= ended
             fit.observe_features(u.features, u.slowest)
             observations.append(Observation(t, u.features, u.slowest, fit.weights, ui, len(u.steps) - 1))
-            if ends:
-                return
             while t >= horizon:  # a request may come to this instance, and this plan take it
                 horizon = yield
             shares.refresh(u.positions)
             choice = shares.choice(ctx_sum, busy_seq, seats, budget)
+            if not choice:
+                return  # the slot has nothing to run
             if choice != u.positions:  # the slot takes other sequences from now on: a stream of its own
                 if len(active) < K and n - sum(busy_seq) > len(choice):
                     return  # and another microbatch would be planned at once
