@@ -117,7 +117,7 @@ class GroupKV:
 
     def cache_full_blocks(self, seq_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
         for m in self.members:
-            if seq_id in m.tables:
+            if m.enable_prefix_caching and seq_id in m.tables:
                 m.cache_full_blocks(seq_id, token_ids, num_computed_tokens)
 
     def fork(self, parent_id: str, child_id: str, num_tokens: int) -> list[tuple[int, int, int]]:

@@ -87,6 +87,10 @@ class OnlineStepCost:
 
     def predict(self, batch: Batch) -> float:
         """Seconds (or, before a fit, a token count) of one step of `batch`."""
+        if len(batch) == 1:  # the scheduler costs one sequence at a time: step_features of it
+            q, c = batch[0]
+            if q >= 1 and c >= 0:
+                return self.predict_features(q, q * c + q * (q + 1) // 2, 1)
         t, a, b, _ = step_features(batch)
         return self.predict_features(t, a, b)
 

@@ -170,7 +170,7 @@ class Scheduler:
         for seq in list(self.running):
             if budget <= 0 or len(out.scheduled) >= seats:
                 break
-            if seq.status is not SeqStatus.RUNNING or seq.in_flight or seq.paused:
+            if seq.in_flight or seq.paused or seq.status is not SeqStatus.RUNNING:
                 continue  # preempted earlier in this loop, in a step not yet committed, or migrating
             n = min(seq.num_uncomputed, budget) if chunked else seq.num_uncomputed
             if n > budget:
