@@ -258,8 +258,15 @@ class BlockManager:
         of the sequence's existing blocks, or the current range for a new sequence. Returns the
         new blocks."""
         table = self.tables.get(seq_id)
-        if table is not None and not computed_blocks and -(-num_tokens // self.page_size) <= len(table):
-            return []  # it holds them already
+        if table and not computed_blocks:
+            n_new = -(-num_tokens // self.page_size) - len(table)
+            if n_new <= 0:
+                return []  # it holds them already
+            lo, hi = self.block_range[table[-1]].tolist()
+            if (lo, hi) == self.layers and n_new <= len(self._free):  # can_allocate's common case
+                new = [self._pop_free() for _ in range(n_new)]
+                table.extend(new)
+                return new
         if not self.can_allocate(seq_id, num_tokens, computed_blocks):
             raise BlockManagerError(f"allocate for {seq_id!r} without room; ask can_allocate first")
         rng = self._alloc_range(seq_id)

@@ -258,14 +258,15 @@ class Instance:
             remote = self._remote_rows(step_id, m, sched, seqs)
             table, shape = pack_pages(self._page_table(m, sched, {r for rr in remote for r in rr.rows})) \
                 if self.payload else (b"", (0, 0, 0))
-            src, dst = m.kv.page_copies([(s, d) for j, s, d in copies if j == i])
+            src, dst = ([], []) if not copies else \
+                (x.tolist() for x in m.kv.page_copies([(s, d) for j, s, d in copies if j == i]))
             swap_out, swap_in = take_moves(i) if take_moves else (HostMoves(), HostMoves())
             works.append(StageWork(
                 step_id=step_id, instance=self.id, stage=i, num_stages=K,
                 prev_rank=self.members[i - 1].rank if i > 0 else -1,
                 next_rank=self.members[i + 1].rank if i + 1 < K else -1,
                 seqs=seqs, num_decodes=sched.num_decodes, page_table=table, table_shape=shape,
-                samples=rows if i == K - 1 else [], copies=PageMoves(src.tolist(), dst.tolist()),
+                samples=rows if i == K - 1 else [], copies=PageMoves(src, dst),
                 swap_out=swap_out, swap_in=swap_in, remote=remote))
         prefill = sum(n for _, n in sched.scheduled if n > 1)
         now = self.clock.now()
@@ -303,6 +304,8 @@ class Instance:
         """The rows whose KV of m's layers is on another member, by holder; each holder is told
         what to serve (`remote_serves`)."""
         by_holder: dict[int, list[int]] = {}
+        if not self.maybe_unplaced:
+            return []
         maybe = [r for r, (s, _) in enumerate(sched.scheduled) if s.seq_id in self.maybe_unplaced]
         if not maybe:
             return []
