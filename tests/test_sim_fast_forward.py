@@ -161,3 +161,5 @@ def test_decode_steps_cost_the_same_floats_as_their_batches(which: str) -> None:
             assert got == want  # bit for bit: the fast-forward's clock must be the step-by-step one
             one = [cost.decode_step_seconds(n, int(ctx.sum()) + n * j, layers) for j in range(k)]
             assert one == want  # (a pipeline's window costs its steps one at a time)
+            at = cost.decode_seconds_at(n, layers)  # (a stream's steps, its batch size fixed)
+            assert [at(int(ctx.sum()) + n * j) for j in range(k)] == want

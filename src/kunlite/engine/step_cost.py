@@ -126,6 +126,10 @@ class FittedStepCost:
         the batch; the same float."""
         return self._seconds(num_seqs, context_sum + num_seqs, num_seqs, layers)
 
+    def decode_seconds_at(self, num_seqs: int, layers: tuple[int, int]) -> Any:
+        """decode_step_seconds(num_seqs, context_sum, layers) as a function of context_sum."""
+        return lambda context_sum: self._seconds(num_seqs, context_sum + num_seqs, num_seqs, layers)
+
     def _seconds(self, t: int, a: int, b: int, layers: tuple[int, int]) -> float:
         l0, l1 = layers
         w = self.weights

@@ -29,6 +29,7 @@ Pure: plain numbers in, seconds out.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
@@ -198,26 +199,36 @@ class AnalyticStepCost:
 
     def decode_step_seconds(self, num_seqs: int, context_sum: int, layers: tuple[int, int]) -> float:
         """step_seconds of num_seqs decodes (q = 1) whose contexts sum to context_sum, without
-        the batch; the same float: `_terms` and `_seconds` with what depends on the layers
-        alone computed once (the same operations in the same order; a pipeline window asks
-        this of every stage of every step it runs ahead)."""
+        the batch; the same float (`decode_seconds_at`)."""
+        return self.decode_seconds_at(num_seqs, layers)(context_sum)
+
+    def decode_seconds_at(self, num_seqs: int, layers: tuple[int, int]) -> Callable[[int], float]:
+        """decode_step_seconds(num_seqs, context_sum, layers) as a function of context_sum:
+        `_terms` and `_seconds` with what depends on the batch size and the layers alone
+        computed once, the same operations in the same order (a pipeline window costs every
+        stage of every step it runs ahead, a stream's sequences the same for many steps)."""
         k = self._decode_consts.get(layers)
         if k is None:
             k = self._decode_consts[layers] = self._layer_consts(layers)
         n_l, lf, act, af, first, last, h, e, v, kvs, head_dim, heads = k
         n = num_seqs
-        a = context_sum + n  # attention pairs, and KV tokens read
         d = self.device
-        flops, bandwidth = d.flops, d.bandwidth
+        flops, bandwidth, overhead = d.flops, d.bandwidth, d.step_overhead_s
         ends_flops = ends_bytes = 0.0
         if first:
             ends_bytes += n * h * e
         if last:
             ends_flops += 2.0 * v * h * n
             ends_bytes += v * h * e + n * (h * e + v * 4)
-        return max(lf * n / flops, n_l * (self._layer_params + n * act) * e / bandwidth) + \
-            max(af * a * head_dim * heads / flops, n_l * a * 2.0 * kvs * e / bandwidth) + \
-            max(ends_flops / flops, ends_bytes / bandwidth) + d.step_overhead_s
+        linear = max(lf * n / flops, n_l * (self._layer_params + n * act) * e / bandwidth)
+        ends = max(ends_flops / flops, ends_bytes / bandwidth)
+
+        def seconds(context_sum: int) -> float:
+            a = context_sum + n  # attention pairs, and KV tokens read
+            return linear + max(af * a * head_dim * heads / flops, n_l * a * 2.0 * kvs * e / bandwidth) + ends + \
+                overhead
+
+        return seconds
 
     @cached_property
     def _decode_consts(self) -> dict[tuple[int, int], tuple[Any, ...]]:

@@ -59,6 +59,7 @@ class Stream:
     steps: list[Step] = field(default_factory=list)  # its window steps
     prev: int | None = None  # the stream it follows in its microbatch slot, when that took other sequences
     hidden_seconds: float = 0.0  # its activations over the link between two stages
+    seconds_at: list[Any] = field(default_factory=list)  # per stage: context sum -> a step's seconds
 
 
 @dataclass(slots=True)
@@ -198,7 +199,7 @@ def plan_window(inst: Instance, now: float, in_flight: list[Stream], left: list[
     ranks = [m.rank for m in inst.members]
     layers = [m.layers for m in inst.members]
     busy = {r: busy[r] for r in ranks}
-    one = getattr(cost, "decode_step_seconds", None)  # the same floats as step_seconds, without the batch
+    at = getattr(cost, "decode_seconds_at", None)  # the same floats as step_seconds, without the batches
     used = 0
 
     def plan(u: Stream, t: float) -> bool:
@@ -224,8 +225,10 @@ def plan_window(inst: Instance, now: float, in_flight: list[Stream], left: list[
         m = len(pos)
         if j == 0:
             u.hidden_seconds = link_seconds(m * token_bytes)
-        if one is not None:
-            secs = [one(m, c, lay) for lay in layers]
+            if at is not None:
+                u.seconds_at = [at(m, lay) for lay in layers]
+        if at is not None:
+            secs = [f(c) for f in u.seconds_at]
         else:
             secs = [cost.step_seconds([(1, ctx[i]) for i in pos], lay) for lay in layers]
         ends, prev, hidden = [], 0.0, u.hidden_seconds
