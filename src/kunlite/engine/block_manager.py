@@ -470,9 +470,10 @@ class BlockManager:
 
     def _pop_free(self) -> int:
         b, _ = self._free.popitem(last=False)
-        self._evict_hash(b)
+        if self._hash:
+            self._evict_hash(b)
         self._ref[b] = 1
-        self._used_page_count += self.layers_per_block  # a free block is of the current range (check())
+        self._used_page_count += self.layers[1] - self.layers[0]  # a free block is of the current range (check())
         return b
 
     def _take(self, b: int) -> None:
