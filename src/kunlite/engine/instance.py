@@ -342,7 +342,7 @@ class Instance:
         budget = self.config.max_num_batched_tokens
         for s in self.scheduler.running:
             if not s.paused and budget > 0:
-                n = min(max(s.num_uncomputed, 1), budget)
+                n = min(max(len(s.token_ids) - s.num_computed_tokens, 1), budget)  # its num_uncomputed
                 t, a, b = t + n, a + n * s.num_computed_tokens + n * (n + 1) // 2, b + 1
                 budget -= n
         for s in self.scheduler.waiting:

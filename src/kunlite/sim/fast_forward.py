@@ -226,8 +226,10 @@ class FastForward:
         out = super().add_request(req)
         self._changed = True
         for step_id, ff in list(self._ff.items()):
+            if ff.slow_other is not None:
+                continue  # a pipeline's stream: its window is cut below
             inst = self.instances.get(ff.instance)
-            if inst is not None and ff.slow_other is None and _head(inst) != ff.head:
+            if inst is not None and _head(inst) != ff.head:
                 self._cut(step_id, ff, inst)  # the step-by-step run would try it next
         for iid, win in list(self._windows.items()):
             inst = self.instances.get(iid)
