@@ -564,17 +564,19 @@ class BlockManager:
         of the free list: they are reused before any block that still holds a cached prefix."""
         lo, hi = self.layers
         width = hi - lo
-        new_ids: list[int] = []
         spare, whole = self._spare, len(self._spare) // width
+        if not whole:
+            return
         self._spare = spare[whole * width:]  # one slice, not one per block: a GPU pool has 10^5 pages
-        for i in range(whole):
-            pages = spare[i * width:(i + 1) * width]
-            b = self._recycled_ids.pop() if self._recycled_ids else self._grow()
-            self.block_pages[b, lo:hi] = pages
-            self.block_range[b] = (lo, hi)
-            self._block_page_count += width
-            self._ref[b] = 0
-            self._free[b] = None
-            new_ids.append(b)
+        recycled = self._recycled_ids
+        new_ids = [recycled.pop() if recycled else self._grow() for _ in range(whole)]
+        rows = np.asarray(new_ids, dtype=np.int64)  # (whole,) all at once, not a row per block
+        self.block_pages[rows, lo:hi] = np.asarray(spare[:whole * width], dtype=np.int32).reshape(whole, width)
+        self.block_range[rows] = (lo, hi)
+        self._block_page_count += width * whole
+        ref, free = self._ref, self._free
+        for b in new_ids:
+            ref[b] = 0
+            free[b] = None
         for b in reversed(new_ids):  # keep their own order (lowest pages first)
-            self._free.move_to_end(b, last=False)
+            free.move_to_end(b, last=False)
