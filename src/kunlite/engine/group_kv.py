@@ -60,6 +60,11 @@ class GroupKV:
     # ------------------------------------------------------------------ accounting
 
     @property
+    def enable_prefix_caching(self) -> bool:
+        """Whether any member caches prefixes."""
+        return any(m.enable_prefix_caching for m in self.members)
+
+    @property
     def num_free_blocks(self) -> int:
         return min(m.num_free_blocks for m in self.members)
 

@@ -223,8 +223,9 @@ class Scheduler:
             add(n, cached)
             budget -= n
 
-        for seq, n in out.scheduled:
-            self.kv.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens + n)
+        if self.kv.enable_prefix_caching:  # (else every call would return at once)
+            for seq, n in out.scheduled:
+                self.kv.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens + n)
         out.scheduled.sort(key=lambda e: e[1] != 1)  # stable: decodes first, order kept
         return out
 
@@ -269,7 +270,7 @@ class Scheduler:
         """Allocate KV for n more tokens of a running sequence, preempting others if needed.
         False when the sequence itself had to be preempted."""
         total = seq.num_computed_tokens + n
-        extra = self._fork_blocks(seq, total)
+        extra = self._fork_blocks(seq, total) if seq.pending_children else 0
         if not extra and self.kv.holds(seq.seq_id, total):
             return True  # most decode steps: the last block has room
         while not self.kv.can_allocate(seq.seq_id, total, (), extra):
