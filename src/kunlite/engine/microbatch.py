@@ -34,15 +34,11 @@ class OnlineStepCost:
     min_samples: int = 12
     weights: StepCostWeights | None = None
     _since_fit: int = 0
-    # The samples, a ring (with `_pending` written): the i-th oldest of the _count kept is row
-    # (_next - _count + i) % keep
+    # The samples, a ring: the i-th oldest of the _count kept is row (_next - _count + i) % keep
     _x: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]  # (keep, 4) step_features
     _y: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]  # (keep,) seconds
     _count: int = 0
     _next: int = 0
-    # Samples observed and not yet written into the ring: written at a refit, a copy, or once
-    # `keep` wait (numpy writes rows in bulk far cheaper than one by one)
-    _pending: list[tuple[tuple[int, int, int, int], float]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if self._x is None:
@@ -59,14 +55,13 @@ class OnlineStepCost:
         gives (the simulator replays steps whose fit it has computed already)."""
         if seconds <= 0:
             return
-        self._pending.append((features, seconds))
-        if len(self._pending) >= self.keep:
-            self._write()
+        self._x[self._next] = features
+        self._y[self._next] = seconds
+        self._next = (self._next + 1) % self.keep
         self._count = min(self._count + 1, self.keep)
         self._since_fit += 1
         if self._count >= self.min_samples and (self.weights is None or self._since_fit >= self.refit_every):
             if fitted is None:
-                self._write()
                 if self._count < self.keep:
                     x, y = self._x[:self._count], self._y[:self._count]  # (n, 4), (n,) oldest first
                 else:
@@ -76,19 +71,7 @@ class OnlineStepCost:
             self.weights = fitted
             self._since_fit = 0
 
-    def _write(self) -> None:
-        """The pending samples into the ring, in order."""
-        pending, keep = self._pending, self.keep
-        if not pending:
-            return
-        idx = (self._next + np.arange(len(pending))) % keep  # (k,) k <= keep
-        self._x[idx] = [f for f, _ in pending]  # (k, 4)
-        self._y[idx] = [y for _, y in pending]  # (k,)
-        self._next = (self._next + len(pending)) % keep
-        self._pending = []
-
     def copy(self) -> "OnlineStepCost":
-        self._write()
         return OnlineStepCost(self.keep, self.refit_every, self.min_samples, self.weights, self._since_fit,
                               self._x.copy(), self._y.copy(), self._count, self._next)
 
