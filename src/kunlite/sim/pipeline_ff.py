@@ -20,13 +20,13 @@ the old one in that slot; so does one when a sequence of its stream ends (its la
 commits; it leaves the running sequences, and the round, there). The window ends at the
 first commit after which the KV would run out (counting none that ending sequences free: a
 flight takes its KV when it is planned), a stream would have FAST_FORWARD_STEPS steps, a
-slot would have nothing to run, or another microbatch would be planned at once. It pauses at the first
-commit from the next arrival on (the request may come to this instance, and its next plan
-take it); if the request goes to another instance, it resumes up to the arrival after
-(`Window.extend`), its streams' flights growing by the steps planned since. Each
-stream's window steps become one flight, planned (and checked against the real scheduler) when
-the step it follows commits; the observations of the cost fit are replayed in commit
-order with the weights found here (`OnlineStepCost.observe_features(fitted=)`).
+slot would have nothing to run, or another microbatch would be planned at once. It pauses
+at the first commit from the next arrival on (the request may come to this instance, and
+its next plan take it); if the request goes to another instance, it resumes up to the
+arrival after (`Window.extend`), its streams' flights growing by the steps planned since.
+Each stream's window steps become one flight, planned (and checked against the real
+scheduler) when the step it follows commits; the observations of the cost fit are replayed
+in commit order with the weights found here (`OnlineStepCost.observe_features(fitted=)`).
 """
 
 from __future__ import annotations
@@ -144,9 +144,10 @@ class Shares:
 
     def choice(self, ctx_sum: int, in_flight: list[bool], seats: int, budget: int) -> list[int]:
         """The running positions the scheduler takes for the microbatch (the live ones'
-        contexts summing to ctx_sum): the oldest not in flight (nor ended), while the cost spent so far plus the next one's
-        share stays within the limit (the first always), within the seats and the token
-        budget. The same floats as the scheduler's, in the same order."""
+        contexts summing to ctx_sum): the oldest not in flight (nor ended), while the cost
+        spent so far plus the next one's share stays within the limit (the first always),
+        within the seats and the token budget. The same floats as the scheduler's, in the
+        same order."""
         n, fit = self.live, self.fit
         limit = fit.split(fit.predict_features(n, ctx_sum + n, n), self.stages)
         out: list[int] = []

@@ -128,7 +128,8 @@ def _simulate(options: EngineOptions, hardware: SimHardware, trace: list[TraceRe
                 else:
                     rec.status, rec.ttft, rec.e2e = OK, first[k] - rec.arrival, rec.end - rec.arrival
                     ts = times.pop(k, [])
-                    rec.itl, rec.output_tokens = [b - a for a, b in zip(ts, ts[1:])], count.get(k, 0)  # each token's gap
+                    rec.itl = [b - a for a, b in zip(ts, ts[1:])]  # the gap before each token after the first
+                    rec.output_tokens = count.get(k, 0)
         events += [(e.time, e.kind, e.instance) for e in c.take_events()]
         if now >= next_sample:
             timeline.append((now, _devices(c)))
