@@ -316,7 +316,8 @@ class FastForward:
             left.append(steps if p.max_tokens is None else min(steps, p.max_tokens - len(s.output_token_ids)))
         cfg = self.config
         new = plan_window(inst, self.clock.now(), streams, left, self._busy, self.hw.cost, self.hw.link_seconds,
-                          cfg.model.hidden_size * cfg.device.torch_dtype.itemsize, FAST_FORWARD_STEPS, self.horizon)
+                          cfg.model.hidden_size * cfg.device.torch_dtype.itemsize, FAST_FORWARD_STEPS, self.horizon,
+                          may_grow=len(self.instances) > 1)
         if new is None:
             return
         if win is not None:

@@ -169,12 +169,14 @@ class Shares:
 
 
 def plan_window(inst: Instance, now: float, in_flight: list[Stream], left: list[int], busy: dict[int, float],
-                cost: Any, link_seconds: Any, token_bytes: int, max_steps: int, horizon: float) -> Window | None:
+                cost: Any, link_seconds: Any, token_bytes: int, max_steps: int, horizon: float,
+                may_grow: bool = True) -> Window | None:
     """The window of a pipeline instance that plans a microbatch now, with `in_flight` its
     streams in flight (each at its last step); `left[i]`: commits until running sequence i ends.
     Nothing is planned from `horizon` on (the next arrival) until `Window.extend` says that it
     went to another instance. None if the planning stream gets no step, or the window
-    fewer than 2K steps before it ends."""
+    fewer than 2K steps before it ends (or pauses, unless it `may_grow`: the request may go
+    to another instance)."""
     sched, cfg = inst.scheduler, inst.config
     K = inst.num_stages
     running = list(sched.running)  # as the window began (ending sequences leave the scheduler's)
@@ -295,7 +297,7 @@ def plan_window(inst: Instance, now: float, in_flight: list[Stream], left: list[
         next(resume)  # type: ignore[arg-type]
     except StopIteration:
         resume = None
-    if not streams[0].steps or (resume is None and sum(len(u.steps) for u in streams) < 2 * K):
+    if not streams[0].steps or ((resume is None or not may_grow) and sum(len(u.steps) for u in streams) < 2 * K):
         return None  # (a short window that has paused may grow, if the request goes elsewhere)
     return Window(inst.id, streams, observations, busy, [len(u.steps) - 1 for u in streams], horizon=horizon,
                   resume=resume)
