@@ -258,18 +258,15 @@ class BlockManager:
         of the sequence's existing blocks, or the current range for a new sequence. Returns the
         new blocks."""
         table = self.tables.get(seq_id)
-        if table and not computed_blocks:
-            n_new = -(-num_tokens // self.page_size) - len(table)
-            if n_new <= 0:
-                return []  # it holds them already
-            lo, hi = self.block_range[table[-1]].tolist()
-            if (lo, hi) == self.layers and n_new <= len(self._free):  # can_allocate's common case
-                new = [self._pop_free() for _ in range(n_new)]
-                table.extend(new)
-                return new
-        if not self.can_allocate(seq_id, num_tokens, computed_blocks):
-            raise BlockManagerError(f"allocate for {seq_id!r} without room; ask can_allocate first")
+        need = -(-num_tokens // self.page_size)
+        if table is not None and not computed_blocks and need <= len(table):
+            return []  # it holds them already
         rng = self._alloc_range(seq_id)
+        # can_allocate's answer where it is plain: more blocks of the current range for a table
+        growing = bool(table) and not computed_blocks and rng == self.layers
+        if not (growing and need - len(table) <= len(self._free)) and \
+                not self.can_allocate(seq_id, num_tokens, computed_blocks):
+            raise BlockManagerError(f"allocate for {seq_id!r} without room; ask can_allocate first")
         table = self.tables.setdefault(seq_id, [])
         if computed_blocks:
             if table:
@@ -277,7 +274,7 @@ class BlockManager:
             for b in computed_blocks:
                 self._take(b)
             table.extend(computed_blocks)
-        n_new = -(-num_tokens // self.page_size) - len(table)
+        n_new = need - len(table)
         new = [self._pop_free() if rng == self.layers else self._new_block(rng) for _ in range(n_new)]
         table.extend(new)
         return new
@@ -473,7 +470,7 @@ class BlockManager:
         if self._hash:
             self._evict_hash(b)
         self._ref[b] = 1
-        self._used_page_count += self.layers[1] - self.layers[0]  # a free block is of the current range (check())
+        self._used_page_count += self.layers_per_block  # a free block is of the current range (check())
         return b
 
     def _take(self, b: int) -> None:
@@ -482,20 +479,11 @@ class BlockManager:
             self._used_page_count += self.width(b)
         self._ref[b] += 1
 
-    def _release(self, b: int) -> None:
-        if self._ref[b] <= 0:
-            raise BlockManagerError(f"double free of block {b}")
-        self._ref[b] -= 1
-        if self._ref[b] == 0:
-            self._free[b] = None
-            self._used_page_count -= self.width(b)
-            if not self._current(b):
-                self._dissolve(b)  # nobody can use a block of another range
-                self._regroup()
-
     def _release_all(self, blocks: list[int]) -> None:
-        """_release each block, in this order. Their ranges are read at once: releasing one
-        block changes no other's while it is still referenced."""
+        """Drop a reference to each block, in this order; a block nobody references goes to
+        the back of the free list, or is dissolved if it is not of the current range. Their
+        ranges are read at once: releasing one block changes no other's while it is still
+        referenced."""
         if not blocks:
             return
         lo0, hi0 = self.layers

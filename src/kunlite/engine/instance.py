@@ -303,9 +303,9 @@ class Instance:
     def _remote_rows(self, step_id: int, m: Member, sched: SchedulerOutput, seqs: list[WorkSeq]) -> list[RemoteRows]:
         """The rows whose KV of m's layers is on another member, by holder; each holder is told
         what to serve (`remote_serves`)."""
-        by_holder: dict[int, list[int]] = {}
         if not self.maybe_unplaced:
             return []
+        by_holder: dict[int, list[int]] = {}
         maybe = [r for r, (s, _) in enumerate(sched.scheduled) if s.seq_id in self.maybe_unplaced]
         if not maybe:
             return []
@@ -342,7 +342,7 @@ class Instance:
         budget = self.config.max_num_batched_tokens
         for s in self.scheduler.running:
             if not s.paused and budget > 0:
-                n = min(max(len(s.token_ids) - s.num_computed_tokens, 1), budget)  # its num_uncomputed
+                n = min(max(s.num_uncomputed, 1), budget)
                 t, a, b = t + n, a + n * s.num_computed_tokens + n * (n + 1) // 2, b + 1
                 budget -= n
         for s in self.scheduler.waiting:

@@ -175,7 +175,7 @@ class Scheduler:
             n = min(seq.num_uncomputed, budget) if chunked else seq.num_uncomputed
             if n > budget:
                 continue
-            whole = share(n, seq.num_computed_tokens) if cost is not None else 0.0  # costed once if it all fits
+            whole = share(n, seq.num_computed_tokens)  # costed once if it all fits
             fits = affordable(n, seq.num_computed_tokens, whole)
             if n > 1 and chunked:
                 fits = max(fits, min(n, min_chunk))
@@ -270,7 +270,7 @@ class Scheduler:
         """Allocate KV for n more tokens of a running sequence, preempting others if needed.
         False when the sequence itself had to be preempted."""
         total = seq.num_computed_tokens + n
-        extra = self._fork_blocks(seq, total) if seq.pending_children else 0
+        extra = self._fork_blocks(seq, total)
         if not extra and self.kv.holds(seq.seq_id, total):
             return True  # most decode steps: the last block has room
         while not self.kv.can_allocate(seq.seq_id, total, (), extra):

@@ -343,15 +343,15 @@ class FastForward:
             win.final = [len(u.steps) - 1 for u in win.streams]
             for u, step_id in win.flights.items():
                 if win.final[u] > old[u] and step_id in self._ff:
-                    self._grow(inst, win, u, self._ff[step_id], old[u])
+                    self._grow(inst, win, u, step_id, old[u])
             self._busy.update(win.busy)
 
-    def _grow(self, inst: Instance, win: Window, u: int, ff: Flight, old: int) -> None:
-        """Stream u's flight in flight (its window steps up to `old`) takes its steps after
-        `old` too: their KV, their ends, its StageDone at the new last one."""
+    def _grow(self, inst: Instance, win: Window, u: int, step_id: int, old: int) -> None:
+        """Stream u's flight in flight, step_id (its window steps up to `old`), takes its steps
+        after `old` too: their KV, their ends, its StageDone at the new last one."""
         steps = win.streams[u].steps[old + 1:win.final[u] + 1]
         k = len(steps)
-        flight = inst.flights[ff.event.msg.step_id]  # type: ignore[union-attr]
+        ff, flight = self._ff[step_id], inst.flights[step_id]
         assert flight.repeat == len(ff.ends)
         for s, _ in flight.sched.scheduled:
             inst.kv.allocate(s.seq_id, s.num_computed_tokens + flight.repeat + k)

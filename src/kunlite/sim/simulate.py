@@ -78,7 +78,6 @@ def _simulate(options: EngineOptions, hardware: SimHardware, trace: list[TraceRe
     ingress, egress = hardware.ingress_seconds, hardware.egress_seconds
     reqs = sorted(trace, key=lambda r: r.arrival)
     records = [RequestRecord(i, r.arrival, r.prompt_tokens, r.output_tokens) for i, r in enumerate(reqs)]
-    first: dict[int, float] = {}
     last: dict[int, float] = {}
     times: dict[int, list[float]] = {}  # when each token came, until the request ends
     count: dict[int, int] = {}
@@ -113,11 +112,7 @@ def _simulate(options: EngineOptions, hardware: SimHardware, trace: list[TraceRe
                 ts = c.token_times.pop(id(o), None) or [now]
                 if egress:
                     ts = [x + egress for x in ts]
-                got = times.get(k)
-                if got is None:
-                    times[k] = got = []
-                    first[k] = ts[0]
-                got += ts
+                times.setdefault(k, []).extend(ts)
                 last[k] = ts[-1]
                 count[k] = count.get(k, 0) + len(o.new_token_ids)
             if o.finish_reason is not None:
@@ -126,8 +121,8 @@ def _simulate(options: EngineOptions, hardware: SimHardware, trace: list[TraceRe
                 if o.finish_reason == "error":
                     rec.status, rec.error = FAILED, "the device failed"
                 else:
-                    rec.status, rec.ttft, rec.e2e = OK, first[k] - rec.arrival, rec.end - rec.arrival
-                    ts = times.pop(k, [])
+                    ts = times.pop(k)
+                    rec.status, rec.ttft, rec.e2e = OK, ts[0] - rec.arrival, rec.end - rec.arrival
                     rec.itl = [b - a for a, b in zip(ts, ts[1:])]  # the gap before each token after the first
                     rec.output_tokens = count.get(k, 0)
         events += [(e.time, e.kind, e.instance) for e in c.take_events()]
