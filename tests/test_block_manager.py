@@ -154,6 +154,18 @@ def test_trim_leaves_shared_blocks_whole() -> None:
     kv.check()
 
 
+def test_a_table_trimmed_under_the_current_range_grows_in_its_own() -> None:
+    kv = manager(4 * L)  # layers [0, 3)
+    kv.allocate("a", PS)
+    assert kv.trim("a", (1, 3)) == 1  # another device holds layer 0 of it; new blocks still cover [0, 3)
+    grown = kv.allocate("a", 2 * PS)
+    assert kv.width(grown[0]) == 2 and kv.seq_range("a") == (1, 3)
+    kv.check()
+    kv.free("a")
+    assert kv.num_used_pages == 0
+    kv.check()
+
+
 # ---------------------------------------------------------------- the state machine
 
 # Shared prefixes (hits), and an identical block after different prefixes (must not hit).

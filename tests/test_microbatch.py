@@ -45,6 +45,38 @@ def test_the_online_model_fits_its_latest_samples_oldest_first() -> None:
     assert twin._count == 16 and twin._next == 31 % 16
 
 
+def test_the_rings_rows_hold_the_latest_samples_when_a_copy_or_a_fit_reads_them() -> None:
+    # Samples wait in a list and go into the ring's rows together: before a fit or a copy
+    # reads the rows, and at the latest when a lap's worth wait (a row is never pending twice).
+    import numpy as np
+
+    from kunlite.engine.step_cost import fit_feature_weights
+
+    rng = np.random.default_rng(5)
+    given = StepCostWeights(1e-3, 2e-6, 3e-4, 5e-3)
+    model = OnlineStepCost(keep=16, refit_every=40, min_samples=4)
+    seen, computed = [], 0
+    for i in range(100):
+        m = int(rng.integers(1, 20))
+        features = (m, m * int(rng.integers(10, 900)) + m, m, 1)
+        seconds = 0.0 if i % 17 == 5 else 0.004 + 1e-4 * m + 1e-7 * features[1] * (1 + 0.1 * rng.random())
+        before = model.weights
+        model.observe_features(features, seconds, fitted=given if i > 50 else None)  # (seconds 0: not a sample)
+        if seconds > 0:
+            seen.append((features, seconds))
+        if model.weights is not before and i <= 50:  # the 4th and the 44th: computed from the latest 16
+            computed += 1
+            last = seen[-16:]
+            assert model.weights == fit_feature_weights(np.array([f for f, _ in last], dtype=np.float64),
+                                                        [s for _, s in last])
+    assert computed == 2
+    twin = model.copy()
+    rows = [(twin._next + i) % 16 for i in range(16)]  # oldest first
+    assert twin._x[rows].tolist() == [list(f) for f, _ in seen[-16:]]
+    assert twin._y[rows].tolist() == [s for _, s in seen[-16:]]
+    assert twin._count == 16 and twin.weights == model.weights == given  # the 84th-sample refit came given
+
+
 def test_a_cost_limit_cuts_a_prompt_to_what_fits_but_always_takes_one() -> None:
     s = make(blocks=64, budget=64)
     for name in "abcd":

@@ -87,6 +87,9 @@ class BlockManager:
         self._seq_hashes: dict[str, list[BlockHash]] = {}  # hashes of the sequence's full blocks
         self._block_page_count = 0  # sum of the widths of all blocks
         self._used_page_count = 0  # sum of the widths of used blocks
+        # Invariant while True: every block is of the current range. A block of another range
+        # comes only from a change of range or a narrowed block: then it is False for good.
+        self._one_range = True
         self.add_pages(pages)
 
     # ------------------------------------------------------------------ accounting
@@ -181,6 +184,8 @@ class BlockManager:
             raise BlockManagerError("a page is in two places")
         if not all(self._current(b) for b in self._free):
             raise BlockManagerError("a free block is not of the current layer range")
+        if self._one_range and not all(self._current(b) for b in self._ref):
+            raise BlockManagerError("a block is of another layer range, and _one_range says none is")
         if (self._block_page_count, self._used_page_count) != (
                 sum(self.width(b) for b in self._ref), sum(self.width(b) for b, r in self._ref.items() if r > 0)):
             raise BlockManagerError("page counters disagree with the blocks")
@@ -275,13 +280,21 @@ class BlockManager:
                 self._take(b)
             table.extend(computed_blocks)
         n_new = need - len(table)
-        new = [self._pop_free() if rng == self.layers else self._new_block(rng) for _ in range(n_new)]
+        if rng != self.layers:
+            new = [self._new_block(rng) for _ in range(n_new)]
+        elif self._hash:
+            new = [self._pop_free() for _ in range(n_new)]
+        else:  # _pop_free n_new times, with no cached prefix to evict: the same blocks, in bulk
+            pop = self._free.popitem
+            new = [pop(False)[0] for _ in range(n_new)]
+            self._ref.update(dict.fromkeys(new, 1))
+            self._used_page_count += n_new * self.layers_per_block
         table.extend(new)
         return new
 
     def _alloc_range(self, seq_id: str) -> tuple[int, int]:
         table = self.tables.get(seq_id)
-        if not table:
+        if not table or self._one_range:
             return self.layers
         lo, hi = self.block_range[table[-1]].tolist()
         return lo, hi
@@ -392,6 +405,7 @@ class BlockManager:
         if (lo, hi) == self.layers:
             return
         self.layers = (lo, hi)
+        self._one_range = False
         self._dissolve_free()
         self._regroup()
 
@@ -414,6 +428,7 @@ class BlockManager:
                 self._block_page_count -= 1
                 self._used_page_count -= 1
             self.block_range[b] = (lo, hi)
+            self._one_range = False
             self._evict_hash(b)
         self._regroup()
         return freed
@@ -488,6 +503,13 @@ class BlockManager:
             return
         lo0, hi0 = self.layers
         ref, free = self._ref, self._free
+        if list(map(ref.__getitem__, blocks)).count(1) == len(blocks) and self._one_range:
+            # the common case, in bulk: each block's last reference, each of the current range
+            ref.update(dict.fromkeys(blocks, 0))
+            for b in blocks:  # (OrderedDict.update is slower than this loop)
+                free[b] = None
+            self._used_page_count -= len(blocks) * (hi0 - lo0)
+            return
         for b, (lo, hi) in zip(blocks, self.block_range[blocks].tolist()):
             if ref[b] <= 0:
                 raise BlockManagerError(f"double free of block {b}")
@@ -562,9 +584,9 @@ class BlockManager:
         self.block_pages[rows, lo:hi] = np.asarray(spare[:whole * width], dtype=np.int32).reshape(whole, width)
         self.block_range[rows] = (lo, hi)
         self._block_page_count += width * whole
-        ref, free = self._ref, self._free
+        self._ref.update(dict.fromkeys(new_ids, 0))
+        free = self._free
         for b in new_ids:
-            ref[b] = 0
             free[b] = None
         for b in reversed(new_ids):  # keep their own order (lowest pages first)
             free.move_to_end(b, last=False)

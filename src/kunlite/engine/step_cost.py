@@ -69,7 +69,8 @@ class StepCostWeights:
     per_step: float
 
     def __post_init__(self) -> None:
-        if not all(w >= 0.0 for w in self.as_array()):  # also rejects NaN
+        if not (self.per_token >= 0.0 and self.per_attention_pair >= 0.0 and self.per_sequence >= 0.0
+                and self.per_step >= 0.0):  # also rejects NaN
             raise ValueError(f"step cost weights must be >= 0: {self}")
 
     def as_array(self) -> np.ndarray:
@@ -232,7 +233,7 @@ def fit_feature_weights(x: np.ndarray, seconds: Sequence[float], *, relative: bo
     if sample_weights is not None:
         row = row * np.sqrt(np.asarray(sample_weights, dtype=np.float64))  # (n,) squared in the loss
     w = nnls(x * row[:, None], y * row)
-    return StepCostWeights(*(float(v) for v in w))
+    return StepCostWeights(*w.tolist())
 
 
 @dataclass(frozen=True)
