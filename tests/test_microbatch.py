@@ -45,9 +45,10 @@ def test_the_online_model_fits_its_latest_samples_oldest_first() -> None:
     assert twin._count == 16 and twin._next == 31 % 16
 
 
-def test_the_rings_rows_hold_the_latest_samples_when_a_copy_or_a_fit_reads_them() -> None:
-    # Samples wait in a list and go into the ring's rows together: before a fit or a copy
-    # reads the rows, and at the latest when a lap's worth wait (a row is never pending twice).
+def test_the_ring_holds_the_latest_samples_in_order_and_given_weights_are_taken() -> None:
+    # The simulator replays steps with the weights a refit due then gives (`fitted=`): those
+    # are taken as they are; without them a refit fits the latest `keep` samples; a sample of
+    # 0 s is no sample; a copy holds the same rows.
     import numpy as np
 
     from kunlite.engine.step_cost import fit_feature_weights

@@ -35,15 +35,10 @@ class OnlineStepCost:
     weights: StepCostWeights | None = None
     _since_fit: int = 0
     # The samples, a ring: the i-th oldest of the _count kept is row (_next - _count + i) % keep
-    # (the latest len(_xs) of them once written)
     _x: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]  # (keep, 4) step_features
     _y: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]  # (keep,) seconds
     _count: int = 0
     _next: int = 0
-    # The latest samples, not yet in the ring's rows (they are written together, before a fit
-    # or a copy reads the rows: one numpy assignment per refit, not one per step)
-    _xs: list[tuple[int, int, int, int]] = field(default_factory=list, repr=False)
-    _ys: list[float] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if self._x is None:
@@ -60,38 +55,23 @@ class OnlineStepCost:
         gives (the simulator replays steps whose fit it has computed already)."""
         if seconds <= 0:
             return
-        self._xs.append(features)
-        self._ys.append(seconds)
+        self._x[self._next] = features
+        self._y[self._next] = seconds
         self._next = (self._next + 1) % self.keep
         self._count = min(self._count + 1, self.keep)
         self._since_fit += 1
-        refit = self._count >= self.min_samples and (self.weights is None or self._since_fit >= self.refit_every)
-        if refit or len(self._xs) == self.keep:  # (a row pending twice: numpy keeps either value)
-            self._write()
-        if refit:
-            self.weights = fitted if fitted is not None else self._fit()
+        if self._count >= self.min_samples and (self.weights is None or self._since_fit >= self.refit_every):
+            if fitted is None:
+                if self._count < self.keep:
+                    x, y = self._x[:self._count], self._y[:self._count]  # (n, 4), (n,) oldest first
+                else:
+                    x = np.concatenate((self._x[self._next:], self._x[:self._next]))
+                    y = np.concatenate((self._y[self._next:], self._y[:self._next]))
+                fitted = fit_feature_weights(x, y)
+            self.weights = fitted
             self._since_fit = 0
 
-    def _write(self) -> None:
-        """Put the pending samples into the ring's rows."""
-        n = len(self._xs)
-        if n:
-            rows = [(self._next - n + i) % self.keep for i in range(n)]
-            self._x[rows] = self._xs  # (n, 4)
-            self._y[rows] = self._ys  # (n,)
-            self._xs, self._ys = [], []
-
-    def _fit(self) -> StepCostWeights:
-        """The weights of the samples kept, oldest first."""
-        if self._count < self.keep:
-            x, y = self._x[:self._count], self._y[:self._count]  # (n, 4), (n,) oldest first
-        else:
-            x = np.concatenate((self._x[self._next:], self._x[:self._next]))
-            y = np.concatenate((self._y[self._next:], self._y[:self._next]))
-        return fit_feature_weights(x, y)
-
     def copy(self) -> "OnlineStepCost":
-        self._write()
         return OnlineStepCost(self.keep, self.refit_every, self.min_samples, self.weights, self._since_fit,
                               self._x.copy(), self._y.copy(), self._count, self._next)
 
