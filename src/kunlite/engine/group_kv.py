@@ -90,10 +90,12 @@ class GroupKV:
 
     def holds(self, seq_id: str, num_tokens: int) -> bool:
         """Whether every member that holds the sequence (one at least) holds num_tokens tokens of it."""
+        need = -(-num_tokens // self.page_size)  # blocks (BlockManager.holds of each, one page size)
         held = False
         for m in self.members:
-            if seq_id in m.tables:
-                if not m.holds(seq_id, num_tokens):
+            table = m.tables.get(seq_id)
+            if table is not None:
+                if need > len(table):
                     return False
                 held = True
         return held
