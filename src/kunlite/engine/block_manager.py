@@ -280,15 +280,7 @@ class BlockManager:
                 self._take(b)
             table.extend(computed_blocks)
         n_new = need - len(table)
-        if rng != self.layers:
-            new = [self._new_block(rng) for _ in range(n_new)]
-        elif self._hash:
-            new = [self._pop_free() for _ in range(n_new)]
-        else:  # _pop_free n_new times, with no cached prefix to evict: the same blocks, in bulk
-            pop = self._free.popitem
-            new = [pop(False)[0] for _ in range(n_new)]
-            self._ref.update(dict.fromkeys(new, 1))
-            self._used_page_count += n_new * self.layers_per_block
+        new = self._pop_free(n_new) if rng == self.layers else [self._new_block(rng) for _ in range(n_new)]
         table.extend(new)
         return new
 
@@ -373,7 +365,7 @@ class BlockManager:
         if n_full < n_blocks:
             src = parent[n_full]
             rng = (int(self.block_range[src, 0]), int(self.block_range[src, 1]))
-            dst = self._pop_free() if rng == self.layers else self._new_block(rng)
+            dst = self._pop_free(1)[0] if rng == self.layers else self._new_block(rng)
             copies.append((src, dst))
             child.append(dst)
         self.tables[child_id] = child
@@ -480,13 +472,17 @@ class BlockManager:
             raise BlockManagerError(f"unknown sequence {seq_id!r}")
         return self.tables[seq_id]
 
-    def _pop_free(self) -> int:
-        b, _ = self._free.popitem(last=False)
+    def _pop_free(self, n: int) -> list[int]:
+        """The first n blocks of the free list, each now with one reference (their cached
+        prefixes forgotten)."""
+        pop = self._free.popitem
+        new = [pop(False)[0] for _ in range(n)]
         if self._hash:
-            self._evict_hash(b)
-        self._ref[b] = 1
-        self._used_page_count += self.layers_per_block  # a free block is of the current range (check())
-        return b
+            for b in new:
+                self._evict_hash(b)
+        self._ref.update(dict.fromkeys(new, 1))
+        self._used_page_count += n * self.layers_per_block  # a free block is of the current range (check())
+        return new
 
     def _take(self, b: int) -> None:
         if self._ref[b] == 0:

@@ -106,13 +106,8 @@ class GroupKV:
                    for i in self._holding(seq_id))
 
     def allocate(self, seq_id: str, num_tokens: int, computed: MemberBlocks | Sequence[int] = ()) -> None:
-        if not computed:  # (most calls: a running sequence grows; _holding's members, no hits)
-            members = [m for m in self.members if seq_id in m.tables] or self.members
-            for m in members:
-                m.allocate(seq_id, num_tokens)
-            return
         for i in self._holding(seq_id):
-            self.members[i].allocate(seq_id, num_tokens, self._hits(computed, i))
+            self.members[i].allocate(seq_id, num_tokens, self._hits(computed, i) if computed else ())
 
     def shrink(self, seq_id: str, num_tokens: int) -> None:
         for i in self._holding(seq_id):

@@ -270,7 +270,7 @@ class Scheduler:
         """Allocate KV for n more tokens of a running sequence, preempting others if needed.
         False when the sequence itself had to be preempted."""
         total = seq.num_computed_tokens + n
-        extra = self._fork_blocks(seq, total) if seq.pending_children else 0
+        extra = self._fork_blocks(seq, total)
         if not extra and self.kv.holds(seq.seq_id, total):
             return True  # most decode steps: the last block has room
         while not self.kv.can_allocate(seq.seq_id, total, (), extra):
