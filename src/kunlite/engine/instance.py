@@ -342,8 +342,15 @@ class Instance:
         budget = self.config.max_num_batched_tokens
         for s in self.scheduler.running:
             if not s.paused and budget > 0:
-                n = min(max(s.num_uncomputed, 1), budget)
-                t, a, b = t + n, a + n * s.num_computed_tokens + n * (n + 1) // 2, b + 1
+                c = s.num_computed_tokens
+                n = len(s.token_ids) - c  # num_uncomputed: 1 for a decode
+                if n <= 1:  # (0: a step of it in flight still counts)
+                    t, a, b = t + 1, a + c + 1, b + 1
+                    budget -= 1
+                    continue
+                if n > budget:
+                    n = budget
+                t, a, b = t + n, a + n * c + n * (n + 1) // 2, b + 1
                 budget -= n
         for s in self.scheduler.waiting:
             if budget <= 0:

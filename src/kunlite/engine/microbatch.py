@@ -39,11 +39,17 @@ class OnlineStepCost:
     _y: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]  # (keep,) seconds
     _count: int = 0
     _next: int = 0
+    # Flat views of _x and _y: a sample is written with five item stores, not numpy's
+    # conversion of a tuple into a row (the ring is written once for each step)
+    _xv: memoryview = field(init=False, repr=False)
+    _yv: memoryview = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self._x is None:
             self._x = np.zeros((self.keep, 4), dtype=np.float64)  # (keep, 4)
             self._y = np.zeros(self.keep, dtype=np.float64)  # (keep,)
+        self._xv = memoryview(self._x).cast("B").cast("d")  # (keep * 4,) row-major
+        self._yv = memoryview(self._y)  # (keep,)
 
     def observe(self, batch: Batch, seconds: float) -> None:
         if batch:
@@ -55,10 +61,13 @@ class OnlineStepCost:
         gives (the simulator replays steps whose fit it has computed already)."""
         if seconds <= 0:
             return
-        self._x[self._next] = features
-        self._y[self._next] = seconds
-        self._next = (self._next + 1) % self.keep
-        self._count = min(self._count + 1, self.keep)
+        i, keep = self._next, self.keep
+        xv, j = self._xv, 4 * i
+        xv[j], xv[j + 1], xv[j + 2], xv[j + 3] = features
+        self._yv[i] = seconds
+        self._next = i + 1 if i + 1 < keep else 0
+        if self._count < keep:
+            self._count += 1
         self._since_fit += 1
         if self._count >= self.min_samples and (self.weights is None or self._since_fit >= self.refit_every):
             if fitted is None:

@@ -84,6 +84,10 @@ class Window:
     live: int = 0  # flights planned and not yet committed to their end
     horizon: float = math.inf  # it paused at its first commit from here on (an arrival)
     resume: Generator[None, float, None] | None = None  # its planning, paused there (None: it ended)
+    # Streams not flown, from stream `_seen` down (`pending` reads these, not every stream of
+    # a long window): a flight is never taken back, so a flown stream leaves for good
+    _unflown: list[int] = field(default_factory=list)
+    _seen: int = 0
 
     def extend(self, horizon: float) -> None:
         """The arrival at `self.horizon` went to another instance: plan on, up to the first
@@ -98,7 +102,12 @@ class Window:
     def pending(self) -> list[int]:
         """The streams whose window steps are still to be planned (when their step in flight
         commits, or the last step of the stream they follow)."""
-        return [u for u, s in enumerate(self.streams) if self.final[u] >= 0 and u not in self.flights]
+        if len(self.streams) > self._seen:
+            self._unflown += range(self._seen, len(self.streams))
+            self._seen = len(self.streams)
+        flights, final = self.flights, self.final
+        self._unflown = [u for u in self._unflown if u not in flights]
+        return [u for u in self._unflown if final[u] >= 0]
 
     def after(self, u: int) -> int | None:
         """The step whose commit plans stream u's steps (None: not known yet)."""
