@@ -12,8 +12,10 @@ fast-forward, and whether the two runs agree (every request's TTFT, ITLs and E2E
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import subprocess
+import sys
 import time
 from dataclasses import replace
 
@@ -48,6 +50,7 @@ def main() -> None:
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"# {platform.node()} {time.strftime('%Y-%m-%d %H:%M')} ({rev}): {a.devices} x {a.device}, {a.model}, "
           f"{len(trace)} requests over {a.duration:g} s of trace ({' '.join(argv)})")
+    print(f"# {interpreter()}")
     print("| policy | simulated (s) | wall (s) | x real time | steps fast-forwarded | completed | step by step (s) | same run |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for name in a.policies.split(","):
@@ -61,6 +64,13 @@ def main() -> None:
             slow, same = f"{s.wall_seconds:.1f}", "yes" if key(s) == key(r) and s.counters == r.counters else "NO"
         print(f"| {name} | {end:.0f} | {r.wall_seconds:.1f} | {end / r.wall_seconds:.0f} | "
               f"{r.fast_forward['steps']} | {r.metrics['completed']}/{len(trace)} | {slow} | {same} |", flush=True)
+
+
+def interpreter() -> str:
+    """Which CPython runs this: its build matters (Debian's python3.11 here, built with
+    profile-guided and link-time optimisation, runs the simulator ~12% faster than pyenv's
+    3.11.7, built without them)."""
+    return f"python {platform.python_version()}, {os.path.realpath(sys.executable)}"
 
 
 if __name__ == "__main__":

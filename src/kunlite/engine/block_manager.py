@@ -429,8 +429,7 @@ class BlockManager:
 
     def add_pages(self, pages: Iterable[int]) -> None:
         """Take more KV pages (pool start-up, or a dropped parameter group)."""
-        self._spare.extend(pages.tolist() if isinstance(pages, np.ndarray) else map(int, pages))
-        self._regroup()
+        self._regroup(np.asarray(pages if isinstance(pages, np.ndarray) else list(pages), dtype=np.int64))
 
     def can_reclaim(self, pages: Sequence[int]) -> bool:
         """Whether the used blocks still fit once these pages leave the KV side."""
@@ -553,10 +552,11 @@ class BlockManager:
         self.block_pages[b] = -1
         self._recycled_ids.append(b)
 
-    def _grow(self) -> int:
-        """Double the block arrays; returns the first new id (the others are recycled ids)."""
+    def _grow(self, at_least: int = 1) -> int:
+        """Double the block arrays (or more, to take `at_least` new blocks); returns the first
+        new id (the others are recycled ids)."""
         b = len(self.block_pages)
-        cap = max(16, 2 * b)
+        cap = max(16, 2 * b, b + at_least)
         grown = np.full((cap, self.num_layers), -1, dtype=np.int32)
         grown[:b] = self.block_pages
         ranges = np.zeros((cap, 2), dtype=np.int32)
@@ -565,19 +565,30 @@ class BlockManager:
         self._recycled_ids.extend(range(cap - 1, b, -1))
         return b
 
-    def _regroup(self) -> None:
-        """Form blocks of the current range from spare pages. New empty blocks go to the front
-        of the free list: they are reused before any block that still holds a cached prefix."""
+    def _regroup(self, more: np.ndarray | None = None) -> None:
+        """Form blocks of the current range from spare pages, `more` (P,) after the others. New
+        empty blocks go to the front of the free list: they are reused before any block that
+        still holds a cached prefix."""
         lo, hi = self.layers
         width = hi - lo
-        spare, whole = self._spare, len(self._spare) // width
+        spare = self._spare
+        whole = (len(spare) + (len(more) if more is not None else 0)) // width
         if not whole:
+            if more is not None:
+                spare.extend(more.tolist())
             return
-        self._spare = spare[whole * width:]  # one slice, not one per block: a GPU pool has 10^5 pages
+        # All at once, not a page or a block at a time: a GPU pool has 10^5 pages and more
+        pages = np.asarray(spare, dtype=np.int64) if more is None else \
+            np.concatenate((np.asarray(spare, dtype=np.int64), more)) if spare else more  # (n,) in order
+        self._spare = pages[whole * width:].tolist()
         recycled = self._recycled_ids
-        new_ids = [recycled.pop() if recycled else self._grow() for _ in range(whole)]
-        rows = np.asarray(new_ids, dtype=np.int64)  # (whole,) all at once, not a row per block
-        self.block_pages[rows, lo:hi] = np.asarray(spare[:whole * width], dtype=np.int32).reshape(whole, width)
+        k = min(whole, len(recycled))
+        new_ids = [recycled.pop() for _ in range(k)]
+        if k < whole:  # then ids from the grown arrays, in increasing order
+            new_ids.append(self._grow(whole - k))
+            new_ids += [recycled.pop() for _ in range(whole - k - 1)]
+        rows = np.asarray(new_ids, dtype=np.int64)  # (whole,)
+        self.block_pages[rows, lo:hi] = pages[:whole * width].reshape(whole, width)
         self.block_range[rows] = (lo, hi)
         self._block_page_count += width * whole
         self._ref.update(dict.fromkeys(new_ids, 0))
