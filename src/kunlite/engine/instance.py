@@ -249,7 +249,7 @@ class Instance:
         seqs = [WorkSeq(s.seq_id, s.num_computed_tokens, s.token_ids[s.num_computed_tokens:s.num_computed_tokens + n])
                 for s, n in sched.scheduled] \
             if self.payload or any(s.seq_id in self.maybe_unplaced for s, _ in sched.scheduled) else []
-        sampled = [s for s, n in sched.scheduled if s.num_computed_tokens + n == s.num_tokens]
+        sampled = [s for s, n in sched.scheduled if s.num_computed_tokens + n == len(s.token_ids)]  # (num_tokens)
         rows = self._sample_rows(sched, sampled)
         copies, self._copies = self._copies, []
         works = []

@@ -172,7 +172,9 @@ class Scheduler:
                 break
             if seq.in_flight or seq.paused or seq.status is not SeqStatus.RUNNING:
                 continue  # preempted earlier in this loop, in a step not yet committed, or migrating
-            n = min(seq.num_uncomputed, budget) if chunked else seq.num_uncomputed
+            n = len(seq.token_ids) - seq.num_computed_tokens  # num_uncomputed
+            if chunked and n > budget:
+                n = budget
             if n > budget:
                 continue
             whole = share(n, seq.num_computed_tokens)  # costed once if it all fits
