@@ -475,12 +475,17 @@ class BlockManager:
         """The first n blocks of the free list, each now with one reference (their cached
         prefixes forgotten)."""
         pop = self._free.popitem
-        new = [pop(False)[0] for _ in range(n)]
+        if n == 1:  # (a decode's next block: most calls)
+            new = [pop(False)[0]]
+            self._ref[new[0]] = 1
+        else:
+            new = [pop(False)[0] for _ in range(n)]
+            self._ref.update(dict.fromkeys(new, 1))
         if self._hash:
             for b in new:
                 self._evict_hash(b)
-        self._ref.update(dict.fromkeys(new, 1))
-        self._used_page_count += n * self.layers_per_block  # a free block is of the current range (check())
+        lo, hi = self.layers
+        self._used_page_count += n * (hi - lo)  # a free block is of the current range (check())
         return new
 
     def _take(self, b: int) -> None:

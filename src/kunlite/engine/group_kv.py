@@ -106,6 +106,8 @@ class GroupKV:
                    for i in self._holding(seq_id))
 
     def allocate(self, seq_id: str, num_tokens: int, computed: MemberBlocks | Sequence[int] = ()) -> None:
+        if not computed and self.holds(seq_id, num_tokens):
+            return  # every member that holds it has room already (most decode steps)
         for i in self._holding(seq_id):
             self.members[i].allocate(seq_id, num_tokens, self._hits(computed, i) if computed else ())
 

@@ -268,8 +268,9 @@ class FastForward:
         self._changed = True
         assert ff.event is not None
         outs = inst.commit(msgspec.structs.replace(ff.event.msg, seconds=ff.seconds[done - 1]), steps=done)
+        ends = ff.ends[:done]  # their tokens came at their own steps' ends (a list nobody changes)
         for o in outs:
-            self.token_times[id(o)] = ff.ends[:done]  # their tokens came at their own steps' ends
+            self.token_times[id(o)] = ends
         self.outputs_pending += outs
         if ff.stage_sum is not None:
             inst.bubbles.busy += sum(ff.stage_sum[:done])
