@@ -34,6 +34,7 @@ from kunlite.engine.microbatch import BubbleMeter, OnlineStepCost
 from kunlite.engine.preemption import PreemptionPolicy
 from kunlite.engine.scheduler import Scheduler, SchedulerOutput, child_params
 from kunlite.engine.sequence import Sequence, SeqStatus
+from kunlite.engine.step_cost import StepCostWeights
 from kunlite.engine.work import (HostMoves, PageMoves, RemoteRows, RemoteServe, SampleRow, StageDone, StageWork, WorkSeq,
                                 pack_pages)
 from kunlite.sampling_params import SamplingParams
@@ -85,6 +86,7 @@ class _Flight:
     shape: list[tuple[int, int]]  # (new tokens, context) per sequence: the cost model's sample (of the last step)
     slowest: float = 0.0  # the slowest stage's compute seconds so far
     repeat: int = 1  # identical decode steps it stands for (the simulator's fast-forward; 1 in the engine)
+    fitted: StepCostWeights | None = None  # the weights a refit due at its commit gives, if known (the simulator's)
 
 
 class Instance:
@@ -398,7 +400,7 @@ class Instance:
             del self.flights[done.step_id]
             k = flight.repeat
             if self.num_stages > 1:  # only a pipeline splits microbatches by cost (a merged group starts its own fit)
-                self.step_cost.observe(flight.shape, flight.slowest)  # of its last step, when it stands for k
+                self.step_cost.observe(flight.shape, flight.slowest, flight.fitted)  # of its last step, when it stands for k
             if not self.flights:
                 self.bubbles.idle(self.clock.now())
             if done.step_id in self._own_steps and self.first_committed is None:

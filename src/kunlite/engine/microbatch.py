@@ -51,9 +51,9 @@ class OnlineStepCost:
         self._xv = memoryview(self._x).cast("B").cast("d")  # (keep * 4,) row-major
         self._yv = memoryview(self._y)  # (keep,)
 
-    def observe(self, batch: Batch, seconds: float) -> None:
+    def observe(self, batch: Batch, seconds: float, fitted: StepCostWeights | None = None) -> None:
         if batch:
-            self.observe_features(step_features(batch), seconds)
+            self.observe_features(step_features(batch), seconds, fitted)
 
     def observe_features(self, features: tuple[int, int, int, int], seconds: float,
                          fitted: StepCostWeights | None = None) -> None:

@@ -44,6 +44,7 @@ from kunlite.engine.instance import Instance
 from kunlite.engine.messages import RequestOutput
 from kunlite.engine.plan import throttled
 from kunlite.engine.sequence import Sequence
+from kunlite.engine.step_cost import StepCostWeights
 from kunlite.engine.work import StageDone
 from kunlite.sim.pipeline_ff import Stream, Window, plan_window
 
@@ -463,7 +464,10 @@ class FastForward:
                     self._commit_done(step_id, self._ff[step_id], inst, now)
             self._flush(win, inst, now)
         if ff is not None and ff.slow_other is not None and ff.stage_sum is not None:
-            inst.flights[msg.step_id].slowest = ff.slow_other[-1]  # its commit observes its last step
+            flight = inst.flights[msg.step_id]
+            flight.slowest = ff.slow_other[-1]  # its commit observes its last step
+            if ff.window is not None:  # and its window fitted the cost on it already
+                flight.fitted = _fitted_at(ff.window, ff.stream, now)
             inst.bubbles.busy += sum(ff.stage_sum) - ff.seconds[-1]  # (the StageDone's seconds count there)
             if ff.window is not None:
                 ff.window.live -= 1
@@ -492,6 +496,19 @@ class FastForward:
                 inst = self.instances.get(ff.instance)
                 if inst is not None:
                     self._cut(step_id, ff, inst)
+
+
+def _fitted_at(win: Window, u: int, now: float) -> StepCostWeights | None:
+    """The fit's weights after the observation of stream u's last window step, which commits
+    now (the first observation not replayed yet, or one of the few at the same time)."""
+    obs, last = win.observations, win.final[u]
+    for k in range(win.applied, len(obs)):
+        o = obs[k]
+        if o.time > now:
+            break
+        if o.stream == u and o.j == last:
+            return o.fitted
+    return None
 
 
 def _head(inst: Instance) -> tuple[str | None, str | None]:
