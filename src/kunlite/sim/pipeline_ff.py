@@ -157,8 +157,13 @@ class Shares:
         spent so far plus the next one's share stays within the limit (the first always),
         within the seats and the token budget. The same floats as the scheduler's, in the
         same order."""
-        n, fit = self.live, self.fit
-        limit = fit.split(fit.predict_features(n, ctx_sum + n, n), self.stages)
+        n, fit, w = self.live, self.fit, self.fit.weights
+        if w is None:
+            limit = fit.split(fit.predict_features(n, ctx_sum + n, n), self.stages)
+        else:  # the same: predict_features' then split's operations in their order (x * 1 is x)
+            p0 = w.per_step
+            limit = (w.per_token * n + w.per_attention_pair * (ctx_sum + n) + w.per_sequence * n + p0 - p0) / \
+                self.stages + p0
         out: list[int] = []
         take = min(seats, budget)  # each one takes a seat and a token of the budget
         if take <= 0:
