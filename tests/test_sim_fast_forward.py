@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from kunlite.config import parse_size
 from kunlite.engine.args import EngineOptions
-from kunlite.sim.cluster import SimHardware
+from kunlite.sim.cluster import SimCluster, SimHardware
 from kunlite.sim.simulate import POLICIES, simulate
 from kunlite.sim.traces import TraceRequest
 from tiny_models import make_tiny_model
@@ -88,6 +89,43 @@ def test_a_pipelines_fast_forward_is_the_same_run(tiny: Path, seed: int, devices
     assert fast.fast_forward["steps"] > 3 * fast.fast_forward["flights"] > 0
     if memory == "700KiB" and devices == 2:
         assert step.counters["preemptions"] > 0
+
+
+def test_a_stage_that_only_times_its_step_takes_no_loop_pass(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pipeline stage's StageDone before the last (its step's slowest stage, the bubble meter)
+    is handled just before the next event, not in a simulation loop pass of its own: the same
+    run, the same bubble meters, fewer passes."""
+    hw = SimHardware(LinearCost(), lambda n: 1e-4 + n / 1e9, lambda n: 1e-5 + n / 1e10, 1e12, parse_size("700KiB"))
+    opts = replace(EngineOptions(model=str(tiny), devices=2, dtype="float32", page_size=4, max_model_len=256,
+                                 max_num_batched_tokens=64, enable_prefix_caching=False), **POLICIES["pp2"])
+    reqs = trace(n=60, seed=0)
+    clusters: list[SimCluster] = []
+    passes = [0]
+    init, step = SimCluster.__init__, SimCluster.step
+
+    def counted(self: SimCluster, *a: Any, **k: Any) -> Any:
+        passes[0] += 1
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(SimCluster, "__init__", lambda self, *a, **k: (init(self, *a, **k), clusters.append(self))[0])
+    monkeypatch.setattr(SimCluster, "step", counted)
+    def run(quiet: bool) -> tuple[Any, Any, int]:
+        monkeypatch.setattr(SimCluster, "quiet_stages", quiet)
+        passes[0] = 0
+        out = []
+        for ff in (True, False):
+            r = simulate(opts, hw, reqs, policy="pp2", fast_forward=ff)
+            c = clusters[-1]
+            assert not c._quiet  # every stage's timing was handled
+            out.append(([(x.status, x.ttft, x.itl, x.e2e) for x in r.records], r.counters,
+                        [(i.bubbles.busy, i.bubbles.wall) for i in c.instances.values()]))
+        return out[0], out[1], passes[0]
+
+    quiet_ff, quiet_step, quiet_passes = run(True)
+    loud_ff, loud_step, loud_passes = run(False)
+    assert quiet_ff == loud_ff and quiet_step == loud_step
+    assert quiet_step[1]["preemptions"] > 0
+    assert quiet_passes < 0.9 * loud_passes
 
 
 def test_a_pipeline_window_on_the_analytic_cost(tiny: Path) -> None:

@@ -67,12 +67,18 @@ class _Event:
 
 
 class SimCluster(FastForward, Cluster):
+    quiet_stages = True  # see _quiet (False: each StageDone is an event of its own, as a test compares)
+
     def __init__(self, options: EngineOptions, hardware: SimHardware, *, priority_order: bool = False,
                  fast_forward: bool = True) -> None:
         self.clock = VirtualClock()
         self.hw = hardware
         self._init_fast_forward(fast_forward)
         self._queue: list[_Event] = []
+        # StageDones that only time their step (a pipeline stage before the last: the step's
+        # slowest stage and the bubble meter), where no overload policy acts between events:
+        # handled in their order just before the next event, without a loop pass of their own
+        self._quiet: list[_Event] = []
         self._order = itertools.count()
         self._busy: dict[int, float] = {}  # device -> when it is free
         self._stage_end: dict[tuple[int, int], float] = {}  # (step, stage) -> when its activations are ready
@@ -170,7 +176,11 @@ class SimCluster(FastForward, Cluster):
         if not work.is_last:
             self._stage_end[(work.step_id, work.stage)] = end
         tokens = [self._token] * len(work.samples) if work.is_last else []
-        self._at(end, rank, StageDone(work.step_id, work.instance, rank, seconds, tokens))
+        done = StageDone(work.step_id, work.instance, rank, seconds, tokens)
+        if work.is_last or not self.quiet_stages or self.elastic is not None or self.migrator is not None:
+            self._at(end, rank, done)
+        else:
+            heapq.heappush(self._quiet, _Event(end, next(self._order), rank, done))
 
     def _transfer(self, rank: int, msg: SendPages | RecvPages, now: float) -> None:
         other = self._pairs.pop(msg.transfer_id, None)
@@ -209,10 +219,15 @@ class SimCluster(FastForward, Cluster):
         """Deliver every event that is due now (the caller advances the clock)."""
         outputs = outputs if outputs is not None else []
         now = self.clock.now()
-        while self._queue and self._queue[0].time <= now:
-            ev = heapq.heappop(self._queue)
+        queue, quiet = self._queue, self._quiet
+        while queue and queue[0].time <= now:
+            ev = heapq.heappop(queue)
             if ev.cancelled:
                 continue
+            while quiet and quiet[0] < ev:  # (time, then order)
+                q = heapq.heappop(quiet)
+                self._delivering(q.msg, q.rank, now)  # (nothing to do for it, as for any such stage)
+                self._handle(self.workers[q.rank], q.msg, outputs)
             ff = self._delivering(ev.msg, ev.rank, now)
             n = len(outputs)
             self._handle(self.workers[ev.rank], ev.msg, outputs)
