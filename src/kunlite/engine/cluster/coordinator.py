@@ -457,7 +457,7 @@ class Cluster:
             out += inst.take_events()
         if self.migrator is not None:
             out += self.migrator.take_events()
-        return sorted(out, key=lambda e: e.time)
+        return sorted(out, key=lambda e: e.time) if len(out) > 1 else out
 
     def take_moved(self) -> list[tuple[str, int]]:
         out, self.moved = self.moved, []
