@@ -583,8 +583,9 @@ class BlockManager:
                 spare.extend(more.tolist())
             return
         # All at once, not a page or a block at a time: a GPU pool has 10^5 pages and more
-        pages = np.asarray(spare, dtype=np.int64) if more is None else \
-            np.concatenate((np.asarray(spare, dtype=np.int64), more)) if spare else more  # (n,) in order
+        pages = np.asarray(spare, dtype=np.int64)  # (S,)
+        if more is not None:
+            pages = np.concatenate((pages, more))  # (S + P,) in order
         self._spare = pages[whole * width:].tolist()
         recycled = self._recycled_ids
         k = min(whole, len(recycled))

@@ -109,7 +109,7 @@ class GroupKV:
         if not computed and self.holds(seq_id, num_tokens):
             return  # every member that holds it has room already (most decode steps)
         for i in self._holding(seq_id):
-            self.members[i].allocate(seq_id, num_tokens, self._hits(computed, i) if computed else ())
+            self.members[i].allocate(seq_id, num_tokens, self._hits(computed, i))
 
     def shrink(self, seq_id: str, num_tokens: int) -> None:
         for i in self._holding(seq_id):

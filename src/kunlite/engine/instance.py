@@ -345,11 +345,7 @@ class Instance:
         for s in self.scheduler.running:
             if not s.paused and budget > 0:
                 c = s.num_computed_tokens
-                n = len(s.token_ids) - c  # num_uncomputed: 1 for a decode
-                if n <= 1:  # (0: a step of it in flight still counts)
-                    t, a, b = t + 1, a + c + 1, b + 1
-                    budget -= 1
-                    continue
+                n = max(len(s.token_ids) - c, 1)  # num_uncomputed (0: a step of it in flight still counts)
                 if n > budget:
                     n = budget
                 t, a, b = t + n, a + n * c + n * (n + 1) // 2, b + 1

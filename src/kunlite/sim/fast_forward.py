@@ -466,10 +466,9 @@ class FastForward:
         if ff is not None and ff.slow_other is not None and ff.stage_sum is not None:
             flight = inst.flights[msg.step_id]
             flight.slowest = ff.slow_other[-1]  # its commit observes its last step
-            if ff.window is not None:  # and its window fitted the cost on it already
-                flight.fitted = _fitted_at(ff.window, ff.stream, now)
             inst.bubbles.busy += sum(ff.stage_sum) - ff.seconds[-1]  # (the StageDone's seconds count there)
             if ff.window is not None:
+                flight.fitted = _fitted_at(ff.window, ff.stream, now)  # its window fitted the cost on it already
                 ff.window.live -= 1
                 if not ff.window.live and not ff.window.pending() and self._windows.get(inst.id) is ff.window:
                     del self._windows[inst.id]  # its last flight: every observation is in

@@ -78,7 +78,7 @@ def _simulate(options: EngineOptions, hardware: SimHardware, trace: list[TraceRe
     ingress, egress = hardware.ingress_seconds, hardware.egress_seconds
     reqs = sorted(trace, key=lambda r: r.arrival)
     records = [RequestRecord(i, r.arrival, r.prompt_tokens, r.output_tokens) for i, r in enumerate(reqs)]
-    latest = -math.inf  # the last token of any request
+    latest = 0.0  # the last token of any request (the clock starts at 0)
     times: dict[int, list[float]] = {}  # when each token came, until the request ends
     count: dict[int, int] = {}
     vocab = c.config.model.vocab_size
@@ -131,7 +131,7 @@ def _simulate(options: EngineOptions, hardware: SimHardware, trace: list[TraceRe
             timeline.append((now, _devices(c)))
             next_sample = now + sample_s
         if c.elastic is not None and not c.has_unfinished and i >= len(reqs) and \
-                now > (latest if latest > -math.inf else 0) + 10 * options.calm_window + 10:
+                now > latest + 10 * options.calm_window + 10:
             break  # idle long past the calm window: what is merged stays merged
     for rec in records:
         if rec.status not in (OK, FAILED):
